@@ -1,0 +1,42 @@
+"""`raytune-llama finetune CONFIG.yaml [--set section.key=value ...] [--address ADDR]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raytune_llama.config import ConfigError, load_config
+
+
+def register(subparsers) -> None:
+    """Add the finetune subcommand."""
+    p = subparsers.add_parser("finetune", help="fine-tune a model on a Ray cluster (local if no address)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate the config on the driver, then train."""
+    overrides = list(args.overrides)
+    if args.address:
+        overrides.append(f"run.address={args.address}")
+    try:
+        cfg = load_config(args.config, overrides).validate()
+    except ConfigError as exc:
+        print(f"raytune-llama: {exc}", file=sys.stderr)
+        return 2
+    if args.validate_only:
+        print("config OK")
+        return 0
+    from raytune_llama.trainer.llama_trainer import LlamaTrainer, format_summary
+
+    try:
+        summary = LlamaTrainer(cfg).fit()
+    except ConfigError as exc:
+        print(f"raytune-llama: {exc}", file=sys.stderr)
+        return 2
+    print(format_summary(summary), flush=True)
+    return 0

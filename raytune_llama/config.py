@@ -1,0 +1,260 @@
+"""Run configuration: dataclass sections loaded from YAML, dotted `--set` overrides, and a
+`validate()` that gathers every problem into one `ConfigError` before any worker starts.
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", overrides=["train.max_steps=20"])
+    cfg.validate()
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; each names the field, the value and a fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "runs/models/tiny-llama"
+    """HF hub name or local directory with config.json + safetensors."""
+    random_init: Optional[str] = None
+    """Preset (e.g. 'tiny-llama') to create with random weights at name_or_path when that
+    directory has no config.json yet; None to require an existing model."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub name; defaults to name_or_path."""
+    seed: int = 0
+    """Seed for random initialisation."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "examples/data/tiny_corpus.jsonl"
+    """JSONL / Parquet file or directory, or an HF dataset name when format == 'hf'."""
+    format: str = "auto"
+    """auto (from the file ending) | jsonl | parquet | hf."""
+    hf_split: str = "train"
+    """Split to read when format == 'hf'."""
+    text_column: str = "text"
+    """Column holding the raw document text."""
+    id_column: Optional[str] = None
+    """Optional column of unique document ids, carried through packing."""
+    seq_len: int = 128
+    """Tokens per packed training sequence."""
+    tokenize_batch_size: int = 512
+    """Documents per Ray Data tokenize/pack batch."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60
+    """Optimizer steps of the whole run (the LR schedule spans these)."""
+    stop_after_steps: Optional[int] = None
+    """Stop this invocation after N more steps (checkpointed; rerun to continue)."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all workers (kept fixed at every world size)."""
+    micro_batch_size: int = 2
+    """Sequences per forward/backward on one data-parallel rank."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: tuple = (0.9, 0.95)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    log_every: int = 5
+    """Report metrics to Ray Train every N steps (progress is shown every step)."""
+    seed: int = 0
+    """Seed for the training process (data order is fixed by the pipeline)."""
+
+
+@dataclass
+class ParallelConfig:
+    num_workers: int = 2
+    """Ray Train workers (one per device)."""
+    use_gpu: bool = False
+    """Give each worker one GPU (ROCm or CUDA); CPU/gloo otherwise."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker."""
+    strategy: str = "ddp"
+    """ddp (replicated data parallel)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 autocast on accelerators, fp32 on CPU) | bf16 | none."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 20
+    """Save a checkpoint every N steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Checkpoints kept by Ray Train."""
+    resume: str = "auto"
+    """auto (resume if this run has a checkpoint) | never | must (error if none)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny-cpu"
+    """Run name; rerunning the same name and storage path resumes."""
+    storage_path: str = "runs"
+    """Where checkpoints, reports and the export go (shared storage on a real cluster)."""
+    export_dir: Optional[str] = None
+    """Where the final model is saved; defaults to STORAGE/NAME/export."""
+    address: Optional[str] = None
+    """Ray address; None uses RAY_ADDRESS or starts a local cluster."""
+    local_num_cpus: Optional[int] = None
+    """Logical CPUs of a local cluster; default leaves room for the data pipeline."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do before failing the run."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "checkpoint": CheckpointConfig,
+    "run": RunConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-ready)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @property
+    def run_dir(self) -> Path:
+        """STORAGE/NAME: the run's own directory."""
+        return Path(self.run.storage_path) / self.run.name
+
+    @property
+    def export_path(self) -> Path:
+        """Where the final model is exported."""
+        return Path(self.run.export_dir) if self.run.export_dir else self.run_dir / "export"
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank."""
+        per_rank = self.train.global_batch_size // max(self.parallel.num_workers, 1)
+        return max(per_rank // max(self.train.micro_batch_size, 1), 1)
+
+    def validate(self, check_files: bool = True) -> "Config":
+        """Raise one ConfigError listing every problem; returns self when valid."""
+        from raytune_llama.config_checks import collect_problems
+
+        problems = collect_problems(self, check_files=check_files)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _coerce_float(value: Any) -> Any:
+    """YAML 1.1 reads '1e-4' as a string and '3' as an int; a float field takes both."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value  # validate() reports it
+    return value
+
+
+def _build(cls, values: dict[str, Any], prefix: str, problems: list[str]):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            problems.append(
+                f"{prefix}.{key}: unknown key (value {value!r}); known keys in "
+                f"'{prefix}' are {sorted(known)}"
+            )
+            continue
+        if key == "betas" and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = _coerce_float(value) if known[key].type == "float" else value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict; unknown sections/keys are collected as problems."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"config: expected a mapping of sections, got {type(data).__name__}"])
+    sections = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            problems.append(
+                f"{name}: unknown section; known sections are {sorted(SECTIONS)}"
+            )
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{name}: expected a mapping, got {value!r}")
+            continue
+        sections[name] = _build(SECTIONS[name], value, name, problems)
+    if problems:
+        raise ConfigError(problems)
+    return Config(**sections)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply 'section.key=value' overrides (values parsed as YAML) to a nested dict."""
+    problems = []
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            problems.append(
+                f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.max_steps=20"
+            )
+            continue
+        dotted, raw = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            problems.append(f"--set {item!r}: section '{section}' is not a mapping")
+            continue
+        data[section][key] = yaml.safe_load(raw) if raw.strip() else None
+    if problems:
+        raise ConfigError(problems)
+    return data
+
+
+def load_config(path: Optional[str | os.PathLike], overrides: Optional[list[str]] = None) -> Config:
+    """Load YAML (or the defaults when path is None), then apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file: {str(path)!r} does not exist; pass a YAML path such as examples/configs/tiny_cpu.yaml"])
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config file: {str(path)!r} is not valid YAML: {exc}"]) from exc
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data)

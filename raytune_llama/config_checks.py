@@ -1,0 +1,201 @@
+"""Every check `Config.validate()` runs. Each problem is one sentence naming the field, the
+value and the fix; all are gathered so the user fixes everything in one go."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from raytune_llama.presets import known_presets
+
+if TYPE_CHECKING:
+    from raytune_llama.config import Config
+
+ENUMS = {
+    ("data", "format"): ("auto", "jsonl", "parquet", "hf"),
+    ("parallel", "strategy"): ("ddp",),
+    ("parallel", "mixed_precision"): ("auto", "bf16", "none"),
+    ("checkpoint", "resume"): ("auto", "never", "must"),
+}
+
+# (section, key, predicate, requirement text)
+RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
+    ("train", "max_steps", lambda v: v >= 1, ">= 1"),
+    ("train", "global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "micro_batch_size", lambda v: v >= 1, ">= 1"),
+    ("train", "lr", lambda v: v > 0, "> 0"),
+    ("train", "min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("train", "warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("train", "weight_decay", lambda v: v >= 0, ">= 0"),
+    ("train", "max_grad_norm", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    ("train", "log_every", lambda v: v >= 1, ">= 1"),
+    ("data", "seq_len", lambda v: v >= 2, ">= 2"),
+    ("data", "tokenize_batch_size", lambda v: v >= 1, ">= 1"),
+    ("parallel", "num_workers", lambda v: v >= 1, ">= 1"),
+    ("parallel", "cpus_per_worker", lambda v: v > 0, "> 0"),
+    ("checkpoint", "every_steps", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("checkpoint", "keep_last", lambda v: v >= 1, ">= 1"),
+    ("run", "max_failures", lambda v: v >= 0, ">= 0"),
+]
+
+INT_FIELDS = {
+    ("train", "max_steps"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
+    ("train", "warmup_steps"), ("train", "log_every"), ("data", "seq_len"),
+    ("data", "tokenize_batch_size"), ("parallel", "num_workers"),
+    ("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("run", "max_failures"),
+}
+
+
+def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
+    """Return every problem found in cfg (empty when valid)."""
+    problems: list[str] = []
+    problems += _check_types_and_ranges(cfg)
+    problems += _check_batch(cfg)
+    if check_files:
+        problems += _check_model(cfg)
+        problems += _check_data(cfg)
+    if not str(cfg.run.name).strip() or "/" in str(cfg.run.name):
+        problems.append(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
+    return problems
+
+
+def _check_types_and_ranges(cfg: "Config") -> list[str]:
+    problems = []
+    for (section, key), allowed in ENUMS.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            problems.append(f"{section}.{key}: {value!r} is not one of {list(allowed)}")
+    for section, key, ok, requirement in RANGES:
+        value = getattr(getattr(cfg, section), key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{section}.{key}: expected a number, got {value!r}")
+        elif (section, key) in INT_FIELDS and not isinstance(value, int):
+            problems.append(f"{section}.{key}: expected a whole number, got {value!r}")
+        elif not ok(value):
+            problems.append(f"{section}.{key}: {value!r} must be {requirement}")
+    stop = cfg.train.stop_after_steps
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < 1):
+        problems.append(f"train.stop_after_steps: {stop!r} must be a whole number >= 1, or null to run to max_steps")
+    betas = cfg.train.betas
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        problems.append(f"train.betas: {betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    return problems
+
+
+def _check_batch(cfg: "Config") -> list[str]:
+    t, p = cfg.train, cfg.parallel
+    ints = all(isinstance(v, int) and v >= 1 for v in (t.global_batch_size, t.micro_batch_size, p.num_workers))
+    if ints and t.global_batch_size % (p.num_workers * t.micro_batch_size):
+        per_step = p.num_workers * t.micro_batch_size
+        lower = (t.global_batch_size // per_step) * per_step
+        return [
+            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"parallel.num_workers ({p.num_workers}) x train.micro_batch_size "
+            f"({t.micro_batch_size}) = {per_step}; use {max(lower, per_step)} or "
+            f"{lower + per_step}, or change the micro-batch size"
+        ]
+    return []
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """True for 'org/model' style names that are not local paths."""
+    return (
+        name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and not Path(name).exists()
+    )
+
+
+def _check_model(cfg: "Config") -> list[str]:
+    m = cfg.model
+    path = Path(m.name_or_path).expanduser()
+    problems = []
+    if m.random_init is not None and m.random_init not in known_presets():
+        problems.append(
+            f"model.random_init: unknown preset {m.random_init!r}; known presets are "
+            f"{known_presets()} (or null to load an existing model)"
+        )
+    if path.exists():
+        if not (path / "config.json").is_file() and m.random_init is None:
+            problems.append(
+                f"model.name_or_path: {m.name_or_path!r} has no config.json; point it at a "
+                f"model directory saved with save_pretrained, or set model.random_init"
+            )
+    elif m.random_init is None and not looks_like_hub_id(m.name_or_path):
+        problems.append(
+            f"model.name_or_path: {m.name_or_path!r} does not exist; give a local model "
+            f"directory, an HF hub id like 'meta-llama/Meta-Llama-3-8B', or set "
+            f"model.random_init: tiny-llama to create one"
+        )
+    if m.tokenizer is not None:
+        tok = Path(m.tokenizer).expanduser()
+        if not tok.exists() and not looks_like_hub_id(m.tokenizer):
+            problems.append(
+                f"model.tokenizer: {m.tokenizer!r} does not exist; give a tokenizer "
+                f"directory (with tokenizer.json) or an HF hub id"
+            )
+    return problems
+
+
+def resolve_format(path: str, fmt: str) -> str:
+    """The data format, inferred from the path when fmt == 'auto'."""
+    if fmt != "auto":
+        return fmt
+    p = Path(path)
+    name = p.name.lower()
+    if name.endswith((".jsonl", ".json", ".jsonl.gz")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if p.is_dir():
+        exts = {f.suffix.lower() for f in p.iterdir() if f.is_file()}
+        if ".parquet" in exts:
+            return "parquet"
+        if exts & {".jsonl", ".json"}:
+            return "jsonl"
+    return "hf" if looks_like_hub_id(path) else "unknown"
+
+
+def _check_data(cfg: "Config") -> list[str]:
+    d = cfg.data
+    fmt = resolve_format(d.path, d.format)
+    if fmt == "hf":
+        return []
+    p = Path(d.path).expanduser()
+    if not p.exists():
+        return [
+            f"data.path: {d.path!r} does not exist; give a JSONL/Parquet file or folder "
+            f"(relative paths are resolved from the current directory), or set data.format: hf"
+        ]
+    if fmt == "unknown":
+        return [f"data.format: cannot tell the format of {d.path!r}; set data.format to jsonl, parquet or hf"]
+    columns = _first_columns(p, fmt)
+    if columns is None:
+        return [f"data.path: {d.path!r} holds no {fmt} records; point it at a non-empty dataset"]
+    problems = []
+    for key in ("text_column", "id_column"):
+        col = getattr(d, key)
+        if col is not None and col not in columns:
+            problems.append(
+                f"data.{key}: column {col!r} is not in {d.path!r} (columns: {sorted(columns)}); "
+                f"set data.{key} to one of them"
+            )
+    return problems
+
+
+def _first_columns(path: Path, fmt: str):
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if fmt == "parquet" and f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return set(pq.read_schema(f).names)
+        if fmt == "jsonl" and f.suffix in (".jsonl", ".json"):
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    if line.strip():
+                        try:
+                            return set(json.loads(line))
+                        except (json.JSONDecodeError, TypeError):
+                            return {"<not JSON lines>"}
+    return None

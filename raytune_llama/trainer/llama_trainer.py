@@ -1,0 +1,147 @@
+"""LlamaTrainer: a validated Config → a Ray Train TorchTrainer run with a Ray Data
+pipeline, live progress on the driver, and a run summary.
+
+    from raytune_llama import LlamaTrainer, load_config
+    summary = LlamaTrainer(load_config("examples/configs/tiny_cpu.yaml")).fit()
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from raytune_llama.config import Config, ConfigError
+from raytune_llama.trainer import cluster
+from raytune_llama.trainer.run_dir import absolutize, existing_checkpoints
+
+log = logging.getLogger(__name__)
+
+
+class LlamaTrainer:
+    """Fine-tunes the configured model on the configured data with Ray Train."""
+
+    def __init__(self, config: Config):
+        self.config = absolutize(config.validate())
+
+    def _check_resume_policy(self) -> None:
+        cfg = self.config
+        found = existing_checkpoints(cfg.run_dir)
+        if cfg.checkpoint.resume == "must" and not found:
+            raise ConfigError([
+                f"checkpoint.resume: 'must' but {cfg.run_dir} has no checkpoint; run once with "
+                f"resume: auto, or point run.name/run.storage_path at an existing run"
+            ])
+        if cfg.checkpoint.resume == "never" and found:
+            raise ConfigError([
+                f"checkpoint.resume: 'never' but {cfg.run_dir} already holds {len(found)} "
+                f"checkpoint(s); choose a new run.name (nothing saved is deleted)"
+            ])
+
+    def fit(self) -> dict:
+        """Run training to train.max_steps (or stop_after_steps); return the run summary."""
+        import ray
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train import DataConfig as RayDataConfig
+        from ray.train.torch import TorchTrainer
+
+        from raytune_llama.engine.model_io import ensure_model
+        from raytune_llama.trainer.data_pipeline import build_packed_dataset
+        from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
+        from raytune_llama.trainer.worker_loop import train_loop_per_worker
+
+        cfg = self.config
+        self._check_resume_policy()
+        started = time.time()
+        p = cfg.parallel
+        own_cluster = cluster.connect(
+            cfg.run.address, cluster.local_num_cpus(p.num_workers, p.cpus_per_worker, cfg.run.local_num_cpus)
+        )
+        try:
+            model_path = ensure_model(cfg.model.name_or_path, cfg.model.random_init, cfg.model.seed)
+            tokenizer_path = cfg.model.tokenizer or model_path
+            dataset, info = build_packed_dataset(cfg.data, tokenizer_path)
+            if info.num_samples < cfg.train.global_batch_size:
+                raise ConfigError([
+                    f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the "
+                    f"dataset ({info.num_samples} packed sequences of {info.seq_len} tokens); "
+                    f"lower it, shorten data.seq_len, or add data"
+                ])
+            print(f"[raytune_llama] data: {info.num_samples} sequences x {info.seq_len} tokens "
+                  f"({info.num_tokens:,} non-padding tokens) from {cfg.data.path}", flush=True)
+            board = ProgressBoard.remote()
+            printer = ProgressPrinter(board).start()
+            trainer = TorchTrainer(
+                train_loop_per_worker,
+                train_loop_config={
+                    "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
+                    "export_path": str(cfg.export_path), "num_samples": info.num_samples,
+                    "progress_board": board,
+                },
+                scaling_config=ScalingConfig(
+                    num_workers=p.num_workers, use_gpu=p.use_gpu,
+                    resources_per_worker={"CPU": p.cpus_per_worker},
+                ),
+                run_config=RunConfig(
+                    name=cfg.run.name, storage_path=cfg.run.storage_path,
+                    failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+                    logging_config=LoggingConfig(log_level="WARNING"),
+                ),
+                datasets={"train": dataset},
+                # Unsplit: every worker walks the same global order and takes its slice.
+                dataset_config=RayDataConfig(datasets_to_split=[]),
+            )
+            try:
+                result = trainer.fit()
+            finally:
+                records = printer.stop()
+                ray.kill(board)
+            summary = self._summary(records, result, info, time.time() - started)
+        finally:
+            if own_cluster:
+                ray.shutdown()
+        self._write_summary(summary)
+        return summary
+
+    def _summary(self, records: list[dict], result, info, wall_s: float) -> dict:
+        cfg = self.config
+        last = records[-1] if records else {}
+        steady = records[1:] or records  # the first step includes warm-up work
+        tput = sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else 0.0
+        checkpoint = getattr(result, "checkpoint", None)
+        return {
+            "run_name": cfg.run.name,
+            "steps_this_run": len(records),
+            "final_step": last.get("step"),
+            "max_steps": cfg.train.max_steps,
+            "first_loss": records[0]["loss"] if records else None,
+            "final_loss": last.get("loss"),
+            "mean_tokens_per_s": tput,
+            "tokens_seen": last.get("tokens_seen"),
+            "world_size": last.get("world_size"),
+            "wall_time_s": wall_s,
+            "dataset_sequences": info.num_samples,
+            "checkpoint": checkpoint.path if checkpoint is not None else None,
+            "export_path": str(cfg.export_path) if last.get("step") == cfg.train.max_steps else None,
+            "losses": [r["loss"] for r in records],
+            "steps": [r["step"] for r in records],
+        }
+
+    def _write_summary(self, summary: dict) -> None:
+        run_dir = self.config.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def format_summary(summary: dict) -> str:
+    """Short human summary printed at the end of `finetune`."""
+    lines = [
+        f"run {summary['run_name']}: steps {summary['steps'][0] if summary['steps'] else '-'}"
+        f"..{summary['final_step']} of {summary['max_steps']} in {summary['wall_time_s']:.1f} s",
+        f"  loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if summary["steps"] else "  no steps ran",
+        f"  throughput {summary['mean_tokens_per_s']:,.0f} non-padding tokens/s on {summary['world_size']} worker(s)",
+        f"  checkpoint {summary['checkpoint']}",
+    ]
+    if summary.get("export_path"):
+        lines.append(f"  exported model {summary['export_path']}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""Live progress on the driver: rank 0 pushes one record per step to a small actor, and a
+driver thread prints a line (step, loss, tokens/s, ETA) as records arrive."""
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Optional
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Holds per-step records of one run (pushed by rank 0, read by the driver)."""
+
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def push(self, record: dict) -> None:
+        """Append one step record."""
+        self.records.append(record)
+
+    def since(self, index: int) -> list[dict]:
+        """Records from position index on."""
+        return self.records[index:]
+
+
+def format_eta(seconds: float) -> str:
+    """H:MM:SS."""
+    seconds = max(int(seconds), 0)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_progress(rec: dict) -> str:
+    """One progress line for a step record."""
+    remaining = (rec["max_steps"] - rec["step"]) * rec["step_time_s"]
+    return (
+        f"step {rec['step']:>5}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        f"{rec['tokens_per_s']:,.0f} tok/s | {rec['step_time_s'] * 1000:.0f} ms/step | "
+        f"world {rec['world_size']} | ETA {format_eta(remaining)}"
+    )
+
+
+class ProgressPrinter:
+    """Polls a ProgressBoard from a daemon thread and prints each new step."""
+
+    def __init__(self, board, interval_s: float = 0.5, stream=None):
+        self.board = board
+        self.interval_s = interval_s
+        self.stream = stream or sys.stdout
+        self.records: list[dict] = []
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def start(self) -> "ProgressPrinter":
+        """Start polling."""
+        self._thread = threading.Thread(target=self._run, name="raytune-llama-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def poll(self) -> None:
+        """Fetch and print records that arrived since the last poll."""
+        new = ray.get(self.board.since.remote(len(self.records)))
+        for rec in new:
+            self.records.append(rec)
+            line = format_progress(rec)
+            if self._tty:
+                self.stream.write("\r" + line + "\033[K")
+            else:
+                self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # the board may be gone at shutdown; printing is best effort
+                return
+
+    def stop(self) -> list[dict]:
+        """Stop polling, print what is left, and return every record seen."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        try:
+            self.poll()
+        except Exception:
+            pass
+        if self._tty and self.records:
+            self.stream.write("\n")
+            self.stream.flush()
+        return self.records
+
