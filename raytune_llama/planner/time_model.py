@@ -1,0 +1,199 @@
+"""Step time of one layout: GEMMs at a size-dependent efficiency (roofline against memory
+bandwidth), flash attention, memory-bound elementwise ops, recompute, TP collectives on the link
+they actually use (MI250: GCD pair of one card vs across cards), pipeline p2p and bubble,
+DP/ZeRO/FSDP collectives with overlap, optimizer step and CPU offload transfers.
+
+Mesh order, innermost first: [tp, pp, dp_shard, dp_replicate] (tp inside a node; dp outermost).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from raytune_llama.planner.cluster import ClusterSpec
+from raytune_llama.planner.hardware import HardwareSpec
+from raytune_llama.planner.memory_model import stage_layers, stage_params
+from raytune_llama.planner.model_spec import ModelSpec
+from raytune_llama.planner.plan import ParallelPlan
+from raytune_llama.planner.workload import Workload
+
+ELEM_H = 72  # 44h norms + 16h rope + 12h residual adds
+
+
+def gemm_time(hw: HardwareSpec, m: float, n: float, k: float) -> float:
+    """Seconds for an (m x k) @ (k x n) bf16 GEMM: compute at a shape-dependent efficiency or memory bound."""
+    e = hw.efficiency
+    c = e.matmul_half_dim
+    eff = e.matmul_max * (m / (m + c)) * (n / (n + c)) * (k / (k + c))
+    flops_t = 2.0 * m * n * k / (hw.peak_flops * eff)
+    bytes_t = 2.0 * (m * k + k * n + m * n) / (hw.memory_bw * e.memory_bw)
+    return max(flops_t, bytes_t)
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """One decoder layer on one micro-batch on one device (seconds)."""
+
+    fwd: float
+    bwd: float
+    recompute: float
+    tp_comm: float
+
+
+@lru_cache(maxsize=4096)
+def layer_times(model: ModelSpec, hw: HardwareSpec, seq_len: int, mbs: int, tp: int, recompute: str,
+                tp_bw: float) -> LayerTimes:
+    """Forward, backward, recompute and exposed TP-collective time of one layer per micro-batch."""
+    h, kv, inter = model.hidden_size, model.kv_dim, model.intermediate_size
+    m = float(seq_len * mbs)  # sequence parallel gathers the full sequence before each matmul
+    gemms = (gemm_time(hw, m, (h + 2 * kv) / tp, h) + gemm_time(hw, m, h, h / tp)
+             + gemm_time(hw, m, 2 * inter / tp, h) + gemm_time(hw, m, h, inter / tp))
+    e = hw.efficiency
+    # Causal flash attention computes half of the 4*s^2*d forward FLOPs; its backward ~2.5x.
+    attn_flops = 2.0 * mbs * seq_len * seq_len * h / tp
+    attn_eff = e.matmul_max * e.attention * seq_len / (seq_len + e.matmul_half_dim)
+    attn = attn_flops / (hw.peak_flops * attn_eff)
+    # Memory-bound ops, eager (unfused) kernels, bytes per token: two fp32-upcast RMSNorms ~5 passes
+    # each (~44h), rope on q/k (~8 passes, 16(h+h_kv)), residual adds (12h), SiLU and mul (10I).
+    elem = m * (ELEM_H * h + 16 * kv + 10 * inter) / tp / (hw.memory_bw * e.memory_bw)
+    fwd = gemms + attn + elem
+    bwd = 2.0 * gemms + 2.5 * attn + 2.0 * elem + hw.layer_overhead_s
+    if recompute == "full":
+        rec = fwd
+    elif recompute == "selective":
+        # Selective re-runs the norms and SiLU*mul: most of the elementwise traffic.
+        rec = elem * (44 * h + 10 * inter) / (ELEM_H * h + 16 * kv + 10 * inter)
+    else:
+        rec = 0.0
+    tp_comm = 0.0
+    if tp > 1:
+        # 2 all-reduce-equivalents forward, 2 backward (+2 when the forward is recomputed),
+        # ring cost 2(t-1)/t of an s*b*h bf16 message (SP: all-gather + reduce-scatter, same bytes).
+        n_coll = 4 + (2 if recompute == "full" else 0)
+        msg = 2.0 * m * h
+        per = 2.0 * (tp - 1) / tp * msg / (tp_bw * e.network) + 2 * (tp - 1) * hw.collective_latency_s
+        tp_comm = n_coll * per * (1.0 - e.tp_overlap)
+    return LayerTimes(fwd, bwd, rec, tp_comm)
+
+
+def group_bandwidth(cluster: ClusterSpec, span: int) -> float:
+    """Per-device link bandwidth of a group spanning `span` consecutive ranks (MI250: a GCD pair
+    of one card is fast, across cards slow; beyond a node the NIC share per device)."""
+    hw = cluster.hardware
+    if span > cluster.devices_per_node:
+        return hw.inter_node_bw
+    if hw.devices_per_card > 1 and span <= hw.devices_per_card and hw.intra_card_bw > 0:
+        return hw.intra_card_bw
+    return hw.intra_node_bw
+
+
+@dataclass(frozen=True)
+class TimeBreakdown:
+    """Predicted seconds per optimizer step, by term (compute terms include the bubble split out)."""
+
+    compute: float
+    recompute: float
+    tp_comm: float
+    pp_p2p: float
+    bubble: float
+    dp_comm_exposed: float
+    dp_comm_total: float
+    optimizer: float
+    offload: float
+    step_time: float
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    mfu: float
+    hfu: float
+    bubble_fraction: float
+
+    def terms(self) -> dict[str, float]:
+        """Additive terms of step_time by name."""
+        return {k: getattr(self, k) for k in ("compute", "recompute", "tp_comm", "pp_p2p", "bubble",
+                                               "dp_comm_exposed", "optimizer", "offload")}
+
+
+def _collective_s(cluster: ClusterSpec, nbytes: float, group: int, span: int, kind: str) -> float:
+    """Ring time per device: all-reduce moves 2(g-1)/g of the buffer, all-gather/reduce-scatter (g-1)/g."""
+    if group <= 1:
+        return 0.0
+    hw = cluster.hardware
+    factor = (2.0 if kind == "ar" else 1.0) * (group - 1) / group
+    bw = group_bandwidth(cluster, span) * hw.efficiency.network
+    return factor * nbytes / bw + 2 * math.log2(group) * hw.collective_latency_s
+
+
+def step_time(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan) -> TimeBreakdown:
+    """Predicted step time and throughput of one layout."""
+    hw = cluster.hardware
+    e = hw.efficiency
+    s, b, m = workload.seq_len, plan.micro_batch_size, plan.grad_accum
+    p, v, t = plan.pp, plan.virtual_stages, plan.tp
+    lt = layer_times(model, hw, s, b, t, plan.recompute, group_bandwidth(cluster, t))
+    nl = stage_layers(model, plan)
+    tokens_mb = s * b
+    # Last stage also runs the lm_head GEMM and the fp32 cross-entropy (memory bound).
+    head_f = gemm_time(hw, tokens_mb, model.vocab_size / t, model.hidden_size)
+    ce = tokens_mb * model.vocab_size / t * 10.0 * 2 / (hw.memory_bw * e.memory_bw)
+    head = 3.0 * head_f + ce
+    comp_mb = nl * (lt.fwd + lt.bwd) + head
+    rec_mb = nl * lt.recompute
+    tp_mb = nl * lt.tp_comm
+    p2p_mb = 0.0
+    if p > 1:
+        msg = 2.0 * tokens_mb * model.hidden_size / t
+        bw = group_bandwidth(cluster, t * p) * e.network
+        p2p_mb = 2 * v * (msg / bw + hw.collective_latency_s) * (1.0 - e.pp_overlap)
+    t_mb = comp_mb + rec_mb + tp_mb + p2p_mb
+    bubble = (p - 1) / v * t_mb if p > 1 else 0.0
+
+    # Data-parallel collectives of this stage's parameters (bf16 on the wire).
+    psi = max(stage_params(model, plan, 0), stage_params(model, plan, p - 1))
+    d, r = plan.dp_shard, plan.dp_replicate
+    span_shard, span_all = t * p * d, t * p * d * r
+    nbytes = 2.0 * psi
+    fb_mb = nl * (lt.fwd + lt.bwd + lt.recompute)
+    bwd_mb = nl * (lt.bwd + lt.recompute)
+    z = plan.zero_stage
+    if z == 0:
+        per_step, per_mb = _collective_s(cluster, nbytes, r, span_all, "ar"), 0.0
+        window = bwd_mb
+    elif z == 1:
+        per_step = 2 * _collective_s(cluster, nbytes, d, span_shard, "rs")
+        per_mb = 0.0
+        window = bwd_mb
+    elif z == 2:
+        per_mb = _collective_s(cluster, nbytes, d, span_shard, "rs")
+        per_step = _collective_s(cluster, nbytes, d, span_shard, "ag")
+        window = m * bwd_mb
+    else:
+        per_mb = 3 * _collective_s(cluster, nbytes, d, span_shard, "ag")
+        per_step = 0.0
+        window = m * fb_mb
+    if z >= 1 and r > 1:
+        per_step += _collective_s(cluster, nbytes / d, r, span_all, "ar")  # HSDP replica all-reduce
+    dp_total = per_step + m * per_mb
+    # At least one layer's bucket waits for the last backward; the rest hides behind compute.
+    dp_exposed = max(dp_total - e.dp_overlap * window, dp_total / max(nl, 1)) if dp_total > 0 else 0.0
+
+    shard = psi / (d if z >= 1 else 1)
+    opt_bytes = 28.0 if workload.optimizer == "adamw" else 14.0
+    optimizer = 0.0 if plan.offload else shard * opt_bytes / (hw.memory_bw * e.memory_bw)
+    offload = 0.0
+    if plan.offload:
+        per_node = cluster.devices_per_node
+        offload = 4.0 * shard / hw.host_link_bw + shard * per_node / hw.cpu_adam_params_per_s
+
+    pipe = m * t_mb + bubble
+    total = pipe + dp_exposed + optimizer + offload
+    tokens = workload.global_batch * s
+    world = cluster.world_size
+    model_flops = model.model_flops_per_token(s) * tokens
+    mfu = model_flops / (total * world * hw.peak_flops)
+    hfu = mfu * (4.0 / 3.0 if plan.recompute == "full" else 1.0)
+    return TimeBreakdown(
+        compute=m * comp_mb, recompute=m * rec_mb, tp_comm=m * tp_mb, pp_p2p=m * p2p_mb, bubble=bubble,
+        dp_comm_exposed=dp_exposed, dp_comm_total=dp_total, optimizer=optimizer, offload=offload,
+        step_time=total, tokens_per_s=tokens / total, tokens_per_s_per_device=tokens / total / world,
+        mfu=mfu, hfu=hfu, bubble_fraction=bubble / pipe if pipe else 0.0)

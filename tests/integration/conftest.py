@@ -1,0 +1,77 @@
+"""One real Ray head node per test session, started with `ray start --head` on 127.0.0.1
+with token authentication on, 2 logical CPUs (the training workers take all of them, as on
+a 2-core machine) and the job server; stopped at the end of the session."""
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    gcs_address: str
+    dashboard_url: str
+    env: dict
+    temp_dir: str
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="rtl", dir="/tmp")
+    token_path = Path(temp_dir) / "auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env = {**os.environ, **auth, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0",
+           # as from an activated virtualenv: jobs find the `raytune-llama` console script
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    gcs_port, dash_port = free_port(), free_port()
+    cmd = [
+        RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    os.environ.update(auth)
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    import ray
+
+    ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, temp_dir)
+    try:
+        _wait_for_dashboard(head)
+        yield head
+    finally:
+        ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(head: RayHead, timeout_s: float = 60) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        res = subprocess.run([RAY, "job", "list", "--address", head.dashboard_url], env=head.env,
+                             capture_output=True, text=True, timeout=60)
+        if res.returncode == 0:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"job server at {head.dashboard_url} did not answer: {res.stderr[-2000:]}")
