@@ -86,6 +86,8 @@ class LlamaTrainer:
                     failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
                     logging_config=LoggingConfig(log_level="WARNING"),
+                    # CPU workers: tell DeepSpeed (imported by transformers) not to probe for GPUs.
+                    worker_runtime_env=None if p.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
                 ),
                 datasets={"train": dataset},
                 # Unsplit: every worker walks the same global order and takes its slice.

@@ -2,6 +2,7 @@
 from the latest checkpoint, step through global batches, report, checkpoint, export."""
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -55,9 +56,18 @@ def _report(metrics: dict, rank: int, with_checkpoint: bool, engine, meta: dict)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _quiet_worker_logs() -> None:
+    """Drop per-report INFO lines (Ray logs each report under a file-path logger name) and
+    progress bars; the driver prints one progress line per step instead."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry point (one call per worker)."""
-    transformers.utils.logging.disable_progress_bar()
+    _quiet_worker_logs()
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
