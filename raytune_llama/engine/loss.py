@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+
+from raytune_llama.engine.packing import IGNORE_INDEX
 
 
 def count_target_tokens(labels: torch.Tensor) -> int:

@@ -18,22 +18,27 @@ class DatasetInfo:
     """What the pipeline produced."""
 
     num_samples: int
-    num_tokens: int
     seq_len: int
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from raytune_llama.engine.tokenizer_build import load_tokenizer
+def _tokenizer(path: str, eos_token_id: int, pad_token_id: int):
+    from pathlib import Path
 
-    return load_tokenizer(path)
+    from raytune_llama.engine.tokenizer_build import BackendTokenizer, load_tokenizer
+
+    if (Path(path) / "tokenizer.json").is_file():
+        return BackendTokenizer(Path(path) / "tokenizer.json", eos_token_id, pad_token_id)
+    return load_tokenizer(path)  # slow (Python) tokenizers only exist through transformers
 
 
-def tokenize_pack_batch(batch, *, tokenizer_path: str, text_column: str, seq_len: int):
+def tokenize_pack_batch(batch, *, tokenizer_path: str, eos_token_id: int, pad_token_id: int,
+                        text_column: str, seq_len: int):
     """map_batches function: one batch of documents → packed rows (numpy dict)."""
     from raytune_llama.engine.packing import tokenize_and_pack
 
-    packed, _skipped = tokenize_and_pack(_tokenizer(tokenizer_path), batch[text_column], seq_len)
+    tokenizer = _tokenizer(tokenizer_path, eos_token_id, pad_token_id)
+    packed, _skipped = tokenize_and_pack(tokenizer, batch[text_column], seq_len)
     return packed
 
 
@@ -43,32 +48,60 @@ def read_source(cfg: DataConfig):
 
     fmt = resolve_format(cfg.path, cfg.format)
     if fmt == "jsonl":
-        ds = ray.data.read_json(cfg.path, lines=True) if not cfg.path.endswith(".json") else ray.data.read_json(cfg.path)
+        # pyarrow's JSON reader (the default) parses newline-delimited JSON natively and is far
+        # faster than the pandas reader that lines=True selects.
+        ds = ray.data.read_json(cfg.path)
     elif fmt == "parquet":
         ds = ray.data.read_parquet(cfg.path)
     elif fmt == "hf":
-        import datasets
-
-        ds = ray.data.from_huggingface(datasets.load_dataset(cfg.path, split=cfg.hf_split))
+        ds = _from_hf(cfg)
     else:
         raise ValueError(f"data.format: cannot read {cfg.path!r} as {fmt!r}; set data.format to jsonl, parquet or hf")
     return ds.select_columns([cfg.text_column])
+
+
+def _from_hf(cfg: DataConfig):
+    """An HF `datasets` dataset (hub name or local folder) as a Ray Dataset."""
+    import datasets
+    import ray.data
+
+    hf = datasets.load_dataset(cfg.path, split=cfg.hf_split)
+    columns = hf.column_names or []
+    if columns and cfg.text_column not in columns:
+        raise ValueError(
+            f"data.text_column: column {cfg.text_column!r} is not in the HF dataset {cfg.path!r} "
+            f"(columns: {sorted(columns)}); set data.text_column to one of them"
+        )
+    if isinstance(hf, datasets.Dataset):
+        # The same Arrow conversion ray.data.from_huggingface falls back to for a local
+        # dataset, minus its Hub probe, which reloads the data by builder name ("json",
+        # "parquet") from the current directory and can take minutes offline.
+        table = hf.select_columns([cfg.text_column]).with_format("arrow")[:]
+        blocks = max(1, min(64, table.num_rows // max(cfg.tokenize_batch_size, 1)))
+        return ray.data.from_arrow(table, override_num_blocks=blocks)
+    return ray.data.from_huggingface(hf)  # streaming IterableDataset
 
 
 def build_packed_dataset(cfg: DataConfig, tokenizer_path: str):
     """Read, tokenize and pack; returns (materialized dataset, DatasetInfo)."""
     import ray.data
 
+    from raytune_llama.engine.tokenizer_build import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)  # once, on the driver: the special-token ids
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the global cursor indexes this order
     ctx.enable_progress_bars = False  # the driver prints its own progress line
     ds = read_source(cfg).map_batches(
         tokenize_pack_batch,
-        fn_kwargs={"tokenizer_path": tokenizer_path, "text_column": cfg.text_column, "seq_len": cfg.seq_len},
+        fn_kwargs={"tokenizer_path": tokenizer_path, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id, "text_column": cfg.text_column, "seq_len": cfg.seq_len},
         batch_size=cfg.tokenize_batch_size,
         batch_format="numpy",
     ).materialize()
     num_samples = ds.count()
     if num_samples == 0:
         raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset?)")
-    return ds, DatasetInfo(num_samples, int(ds.sum("num_tokens")), cfg.seq_len)
+    # Token totals are counted by the workers as they train: an aggregate over the whole
+    # dataset here would cost a second pass before the first step.
+    return ds, DatasetInfo(num_samples, cfg.seq_len)

@@ -6,13 +6,13 @@ pipeline, live progress on the driver, and a run summary.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 from raytune_llama.config import Config, ConfigError
 from raytune_llama.trainer import cluster
-from raytune_llama.trainer.run_dir import absolutize, existing_checkpoints
+from raytune_llama.trainer.run_dir import absolutize, existing_checkpoints, merge_step_history
+from raytune_llama.trainer.run_report import write_run_report
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class LlamaTrainer:
 
         from raytune_llama.engine.model_io import ensure_model
         from raytune_llama.trainer.data_pipeline import build_packed_dataset
+        from raytune_llama.trainer.performance import performance_context
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
         from raytune_llama.trainer.worker_loop import train_loop_per_worker
 
@@ -66,8 +67,9 @@ class LlamaTrainer:
                     f"dataset ({info.num_samples} packed sequences of {info.seq_len} tokens); "
                     f"lower it, shorten data.seq_len, or add data"
                 ])
-            print(f"[raytune_llama] data: {info.num_samples} sequences x {info.seq_len} tokens "
-                  f"({info.num_tokens:,} non-padding tokens) from {cfg.data.path}", flush=True)
+            print(f"[raytune_llama] data: {info.num_samples:,} packed sequences of {info.seq_len} "
+                  f"tokens from {cfg.data.path}", flush=True)
+            perf = performance_context(cfg, model_path)
             board = ProgressBoard.remote()
             printer = ProgressPrinter(board).start()
             trainer = TorchTrainer(
@@ -75,7 +77,7 @@ class LlamaTrainer:
                 train_loop_config={
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
                     "export_path": str(cfg.export_path), "num_samples": info.num_samples,
-                    "progress_board": board,
+                    "progress_board": board, "performance": perf,
                 },
                 scaling_config=ScalingConfig(
                     num_workers=p.num_workers, use_gpu=p.use_gpu,
@@ -99,10 +101,11 @@ class LlamaTrainer:
                 records = printer.stop()
                 ray.kill(board)
             summary = self._summary(records, result, info, time.time() - started)
+            summary["layout"] = perf["layout"]
         finally:
             if own_cluster:
                 ray.shutdown()
-        self._write_summary(summary)
+        write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, records))
         return summary
 
     def _summary(self, records: list[dict], result, info, wall_s: float) -> dict:
@@ -110,6 +113,7 @@ class LlamaTrainer:
         last = records[-1] if records else {}
         steady = records[1:] or records  # the first step includes warm-up work
         tput = sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else 0.0
+        mfus = [r["mfu"] for r in steady if "mfu" in r]
         checkpoint = getattr(result, "checkpoint", None)
         return {
             "run_name": cfg.run.name,
@@ -119,6 +123,9 @@ class LlamaTrainer:
             "first_loss": records[0]["loss"] if records else None,
             "final_loss": last.get("loss"),
             "mean_tokens_per_s": tput,
+            "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
+            "predicted_step_time_s": last.get("predicted_step_time_s"),
+            "mean_step_time_s": sum(r["step_time_s"] for r in steady) / len(steady) if steady else None,
             "tokens_seen": last.get("tokens_seen"),
             "world_size": last.get("world_size"),
             "wall_time_s": wall_s,
@@ -129,11 +136,6 @@ class LlamaTrainer:
             "steps": [r["step"] for r in records],
         }
 
-    def _write_summary(self, summary: dict) -> None:
-        run_dir = self.config.run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-
 
 def format_summary(summary: dict) -> str:
     """Short human summary printed at the end of `finetune`."""
@@ -141,7 +143,8 @@ def format_summary(summary: dict) -> str:
         f"run {summary['run_name']}: steps {summary['steps'][0] if summary['steps'] else '-'}"
         f"..{summary['final_step']} of {summary['max_steps']} in {summary['wall_time_s']:.1f} s",
         f"  loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}" if summary["steps"] else "  no steps ran",
-        f"  throughput {summary['mean_tokens_per_s']:,.0f} non-padding tokens/s on {summary['world_size']} worker(s)",
+        f"  throughput {summary['mean_tokens_per_s']:,.0f} non-padding tokens/s on {summary['world_size']} worker(s)"
+        + (f", MFU {summary['mean_mfu']:.2%}" if summary.get("mean_mfu") is not None else ""),
         f"  checkpoint {summary['checkpoint']}",
     ]
     if summary.get("export_path"):

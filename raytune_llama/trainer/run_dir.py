@@ -3,6 +3,8 @@ the checkpoints Ray Train already holds for this run name."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 from raytune_llama.config import Config
@@ -30,3 +32,20 @@ def existing_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def merge_step_history(run_dir: Path, records: list[dict]) -> list[dict]:
+    """Append this invocation's step records to RUN_DIR/steps.jsonl (replacing any steps a
+    restart re-ran) and return the whole history, for reports that span resumes."""
+    path = run_dir / "steps.jsonl"
+    history = []
+    if path.is_file():
+        history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    first_new = min((r["step"] for r in records), default=None)
+    if first_new is not None:
+        history = [r for r in history if r["step"] < first_new] + list(records)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, path)
+    return history

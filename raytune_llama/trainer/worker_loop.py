@@ -15,9 +15,11 @@ import transformers
 from raytune_llama.config import config_from_dict
 from raytune_llama.engine.checkpoint import load_training_state, save_training_state
 from raytune_llama.engine.ddp_engine import DDPEngine
+from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
 from raytune_llama.engine.lr_schedule import lr_at
 from raytune_llama.engine.model_io import export_model, load_model
 from raytune_llama.engine.tokenizer_build import load_tokenizer
+from raytune_llama.trainer.metrics_export import TrainingMetrics
 from raytune_llama.trainer.batches import iter_global_batches, rank_slice, ray_epoch_batches
 
 
@@ -86,6 +88,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     t, ck = cfg.train, cfg.checkpoint
     stop_at = min(t.max_steps, step + t.stop_after_steps) if t.stop_after_steps else t.max_steps
     board = loop_config.get("progress_board")
+    perf = loop_config.get("performance", {})
+    flops_per_token, peak = perf.get("model_flops_per_token"), peak_flops(device)
+    exporter = TrainingMetrics(cfg.run.name, perf.get("layout", f"ddp dp={world}")) if rank == 0 else None
     batches = iter_global_batches(
         ray_epoch_batches(ray.train.get_dataset_shard("train")), num_samples=loop_config["num_samples"],
         global_batch=t.global_batch_size, cursor=cursor,
@@ -96,7 +101,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.set_lr(lr)
         mine = rank_slice(batch, engine.dp_rank, engine.dp_size)
         start = time.perf_counter()
-        out = engine.train_step({k: torch.from_numpy(mine[k]) for k in ("input_ids", "labels")})
+        out = engine.train_step({k: torch.from_numpy(mine[k]).long() for k in ("input_ids", "labels")})
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_time = time.perf_counter() - start
@@ -108,9 +113,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "step_time_s": step_time, "tokens_per_s": batch_tokens / step_time,
             "tokens_seen": tokens_seen, "samples_seen": cursor, "world_size": world,
             "max_steps": t.max_steps,
+            "mfu": mfu(batch_tokens / step_time, flops_per_token, peak, world),
+            "predicted_step_time_s": perf.get("predicted_step_time_s"),
+            "predicted_memory_bytes": perf.get("predicted_memory_bytes"),
+            "peak_memory_bytes": peak_memory_bytes(device),
         }
-        if rank == 0 and board is not None:
-            board.push.remote(metrics)
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # Ray metrics need values
+        if rank == 0:
+            exporter.record(metrics)
+            if board is not None:
+                board.push.remote(metrics)
         due = step == stop_at or (ck.every_steps and step % ck.every_steps == 0)
         if due or step % t.log_every == 0:
             meta = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "world_size": world}

@@ -4,6 +4,7 @@ a 2-core machine) and the job server; stopped at the end of the session."""
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,8 @@ class RayHead:
     dashboard_url: str
     env: dict
     temp_dir: str
+    metrics_port: int = 0
+    """The head's --metrics-export-port: Prometheus text at http://127.0.0.1:PORT/metrics."""
 
 
 @pytest.fixture(scope="session")
@@ -42,36 +45,61 @@ def ray_head():
     env = {**os.environ, **auth, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0",
            # as from an activated virtualenv: jobs find the `raytune-llama` console script
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
     cmd = [
         RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--metrics-export-port={free_port()}",
+        f"--metrics-export-port={metrics_port}", "--block",
     ]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=120)
+    # --block keeps the head's processes under this one process group, so teardown stops this
+    # head only (`ray stop` would stop every Ray cluster on the machine).
+    log = open(Path(temp_dir) / "head.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     os.environ.update(auth)
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     import ray
+    from ray._raylet import Config
 
-    ray.init(address=f"127.0.0.1:{gcs_port}", log_to_driver=False)
-    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, temp_dir)
+    # Ray caches RAY_AUTH_MODE when it is first imported; a test module collected earlier may
+    # have imported it already, so re-read the environment (as Ray's own _enable_token_auth does).
+    Config.initialize("")
+
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, temp_dir, metrics_port)
     try:
-        _wait_for_dashboard(head)
+        _wait_for_dashboard(head, proc)
+        ray.init(address=head.gcs_address, log_to_driver=False)
         yield head
     finally:
         ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_process_group(proc)
+        log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_for_dashboard(head: RayHead, timeout_s: float = 60) -> None:
+def _stop_process_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM the head's process group (ray start --block shuts its children down), then SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout_s: float = 90) -> None:
     deadline = time.time() + timeout_s
+    res = None
     while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start --head exited with {proc.returncode}; see {head.temp_dir}/head.log")
         res = subprocess.run([RAY, "job", "list", "--address", head.dashboard_url], env=head.env,
                              capture_output=True, text=True, timeout=60)
         if res.returncode == 0:
             return
         time.sleep(1)
-    raise RuntimeError(f"job server at {head.dashboard_url} did not answer: {res.stderr[-2000:]}")
+    raise RuntimeError(f"job server at {head.dashboard_url} did not answer: {res.stderr[-2000:] if res else ''}")

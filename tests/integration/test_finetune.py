@@ -59,3 +59,16 @@ def test_exported_model_loads_and_generates(straight_run):
     assert out.shape[1] == ids.shape[1] + 12
     text = tok.decode(out[0][ids.shape[1]:])
     assert isinstance(text, str) and text.strip()
+
+
+def test_run_report_spans_the_resume(straight_run):
+    import json
+
+    tmp, _ = straight_run
+    run_dir = tmp / "runs" / "resumed"
+    steps = [json.loads(line)["step"] for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["layout"].startswith("dp_replicate=2") and summary["mean_mfu"] > 0
+    assert summary["predicted_step_time_s"] > 0
+    assert (run_dir / "loss.png").stat().st_size > 10_000
