@@ -63,9 +63,8 @@ class TrainConfig:
     stop_after_steps: Optional[int] = None
     """Stop this invocation after N more steps (checkpointed; rerun to continue)."""
     global_batch_size: int = 8
-    """Sequences per optimizer step, over all workers (kept fixed at every world size)."""
-    micro_batch_size: int = 2
-    """Sequences per forward/backward on one data-parallel rank."""
+    """Sequences per optimizer step, over all workers (kept fixed at every world size); the
+    layout splits it into data-parallel ranks x micro-batches x accumulation steps."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
@@ -92,8 +91,11 @@ class ParallelConfig:
     """Give each worker one GPU (ROCm or CUDA); CPU/gloo otherwise."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per training worker."""
-    strategy: str = "ddp"
-    """ddp (replicated data parallel)."""
+    layout: Optional[str] = None
+    """Parallel layout, e.g. "dp_shard=2,zero_stage=3" or "tp=2,micro_batch_size=2"; None lets
+    the planner choose the fastest layout that fits (see `raytune-llama plan`)."""
+    hardware: str = "auto"
+    """Planner hardware profile of the workers' devices (auto: cpu without GPUs, else from Ray)."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on accelerators, fp32 on CPU) | bf16 | none."""
 
@@ -156,12 +158,6 @@ class Config:
     def export_path(self) -> Path:
         """Where the final model is exported."""
         return Path(self.run.export_dir) if self.run.export_dir else self.run_dir / "export"
-
-    @property
-    def grad_accum(self) -> int:
-        """Micro-batches per optimizer step on each data-parallel rank."""
-        per_rank = self.train.global_batch_size // max(self.parallel.num_workers, 1)
-        return max(per_rank // max(self.train.micro_batch_size, 1), 1)
 
     def validate(self, check_files: bool = True) -> "Config":
         """Raise one ConfigError listing every problem; returns self when valid."""

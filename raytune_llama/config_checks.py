@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 ENUMS = {
     ("data", "format"): ("auto", "jsonl", "parquet", "hf"),
-    ("parallel", "strategy"): ("ddp",),
+    ("parallel", "hardware"): ("auto", "cpu", "mi250", "mi250x", "mi300x", "h100", "h200", "a100-80gb"),
     ("parallel", "mixed_precision"): ("auto", "bf16", "none"),
     ("checkpoint", "resume"): ("auto", "never", "must"),
 }
@@ -22,7 +22,6 @@ ENUMS = {
 RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
     ("train", "max_steps", lambda v: v >= 1, ">= 1"),
     ("train", "global_batch_size", lambda v: v >= 1, ">= 1"),
-    ("train", "micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("train", "lr", lambda v: v > 0, "> 0"),
     ("train", "min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("train", "warmup_steps", lambda v: v >= 0, ">= 0"),
@@ -39,7 +38,7 @@ RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
 ]
 
 INT_FIELDS = {
-    ("train", "max_steps"), ("train", "global_batch_size"), ("train", "micro_batch_size"),
+    ("train", "max_steps"), ("train", "global_batch_size"),
     ("train", "warmup_steps"), ("train", "log_every"), ("data", "seq_len"),
     ("data", "tokenize_batch_size"), ("parallel", "num_workers"),
     ("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("run", "max_failures"),
@@ -50,10 +49,12 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
     """Return every problem found in cfg (empty when valid)."""
     problems: list[str] = []
     problems += _check_types_and_ranges(cfg)
-    problems += _check_batch(cfg)
     if check_files:
         problems += _check_model(cfg)
         problems += _check_data(cfg)
+    layout = cfg.parallel.layout
+    if layout is not None and (not isinstance(layout, str) or "=" not in layout):
+        problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\" or null to let the planner choose")
     if not str(cfg.run.name).strip() or "/" in str(cfg.run.name):
         problems.append(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
     return problems
@@ -80,21 +81,6 @@ def _check_types_and_ranges(cfg: "Config") -> list[str]:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         problems.append(f"train.betas: {betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     return problems
-
-
-def _check_batch(cfg: "Config") -> list[str]:
-    t, p = cfg.train, cfg.parallel
-    ints = all(isinstance(v, int) and v >= 1 for v in (t.global_batch_size, t.micro_batch_size, p.num_workers))
-    if ints and t.global_batch_size % (p.num_workers * t.micro_batch_size):
-        per_step = p.num_workers * t.micro_batch_size
-        lower = (t.global_batch_size // per_step) * per_step
-        return [
-            f"train.global_batch_size: {t.global_batch_size} is not divisible by "
-            f"parallel.num_workers ({p.num_workers}) x train.micro_batch_size "
-            f"({t.micro_batch_size}) = {per_step}; use {max(lower, per_step)} or "
-            f"{lower + per_step}, or change the micro-batch size"
-        ]
-    return []
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+import logging
 
 import torch
 
@@ -81,6 +82,19 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict:
         if _sha256(path) != entry["sha256"]:
             raise CheckpointError(f"{path}: SHA-256 does not match the manifest (corrupted)")
     return manifest
+
+
+def newest_valid_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:
+    """The first candidate (newest first) that verifies, and why each one before it was
+    refused: a corrupt or half-written checkpoint is skipped, never loaded."""
+    refused = []
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+            return candidate, refused
+        except CheckpointError as exc:
+            refused.append(str(exc))
+    return None, refused
 
 
 def load_training_state(directory: str | os.PathLike) -> dict:

@@ -72,3 +72,43 @@ def export_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return _atomic_dir(Path(out_dir), write)
+
+
+def supports_sharded_load(plan) -> bool:
+    """Whether each rank can load only its own shard for this layout (FSDP or TP, torch)."""
+    return plan.backend == "torch" and not (plan.zero_stage == 0 and plan.tp == 1 and plan.dp > 1)
+
+
+def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_decay: float,
+                 betas, max_grad_norm: float, mixed_precision: str | None):
+    """The model laid out per `plan` in a ParallelEngine. Where the layout shards the model and
+    the weights are local safetensors, the model is built on the meta device and each rank
+    reads only its own tensors (and slices); otherwise from_pretrained loads it whole."""
+    from transformers import AutoConfig
+
+    from raytune_llama.engine.parallel import ParallelEngine
+    from raytune_llama.engine.parallel.sharded_load import meta_model
+
+    kwargs = dict(device=device_type, lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                  max_grad_norm=max_grad_norm or None, mixed_precision=mixed_precision)
+    local = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
+    if local and supports_sharded_load(plan):
+        model = meta_model(AutoConfig.from_pretrained(model_path))
+        return ParallelEngine(model, plan, load_from=model_path, **kwargs)
+    return ParallelEngine(load_model(model_path), plan, **kwargs)
+
+
+def hf_model_with(model_path: str, state_dict: dict):
+    """A CPU HF model of the checkpoint's architecture holding `state_dict` (for export)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    missing, unexpected = model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
+                                                 for k, v in state_dict.items()}, strict=False)
+    # rotary buffers are not parameters and may be absent from a gathered state
+    missing = [k for k in missing if "rotary_emb" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"export: gathered state does not match the model (missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]})")
+    return model

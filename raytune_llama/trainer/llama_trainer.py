@@ -46,7 +46,7 @@ class LlamaTrainer:
 
         from raytune_llama.engine.model_io import ensure_model
         from raytune_llama.trainer.data_pipeline import build_packed_dataset
-        from raytune_llama.trainer.performance import performance_context
+        from raytune_llama.trainer.planning import make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
         from raytune_llama.trainer.worker_loop import train_loop_per_worker
 
@@ -60,6 +60,11 @@ class LlamaTrainer:
         try:
             model_path = ensure_model(cfg.model.name_or_path, cfg.model.random_init, cfg.model.seed)
             tokenizer_path = cfg.model.tokenizer or model_path
+            # The layout is settled before any data is read: a bad layout fails in seconds.
+            run_plan = make_run_plan(cfg, model_path, ray.cluster_resources())
+            perf = run_plan.performance()
+            print(f"[raytune_llama] layout ({run_plan.source}): {run_plan.plan.describe()} on "
+                  f"{cfg.parallel.num_workers} {run_plan.hardware} worker(s)", flush=True)
             dataset, info = build_packed_dataset(cfg.data, tokenizer_path)
             if info.num_samples < cfg.train.global_batch_size:
                 raise ConfigError([
@@ -69,7 +74,6 @@ class LlamaTrainer:
                 ])
             print(f"[raytune_llama] data: {info.num_samples:,} packed sequences of {info.seq_len} "
                   f"tokens from {cfg.data.path}", flush=True)
-            perf = performance_context(cfg, model_path)
             board = ProgressBoard.remote()
             printer = ProgressPrinter(board).start()
             trainer = TorchTrainer(
@@ -77,7 +81,7 @@ class LlamaTrainer:
                 train_loop_config={
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
                     "export_path": str(cfg.export_path), "num_samples": info.num_samples,
-                    "progress_board": board, "performance": perf,
+                    "progress_board": board, "performance": perf, "plan": run_plan.plan.to_dict(),
                 },
                 scaling_config=ScalingConfig(
                     num_workers=p.num_workers, use_gpu=p.use_gpu,

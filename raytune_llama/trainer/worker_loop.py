@@ -13,31 +13,61 @@ import torch
 import transformers
 
 from raytune_llama.config import config_from_dict
-from raytune_llama.engine.checkpoint import load_training_state, save_training_state
-from raytune_llama.engine.ddp_engine import DDPEngine
+from raytune_llama.engine.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    newest_valid_checkpoint,
+    save_training_state,
+)
 from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
 from raytune_llama.engine.lr_schedule import lr_at
-from raytune_llama.engine.model_io import export_model, load_model
+from raytune_llama.engine.model_io import build_engine, export_model, hf_model_with
+from raytune_llama.engine.training_state import gather_full_state
 from raytune_llama.engine.tokenizer_build import load_tokenizer
+from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.trainer.metrics_export import TrainingMetrics
 from raytune_llama.trainer.batches import iter_global_batches, rank_slice, ray_epoch_batches
 
 
-def _autocast_dtype(mode: str, device: torch.device):
+log = logging.getLogger(__name__)
+
+
+def _mixed_precision(mode: str, device: torch.device):
+    """bf16 on accelerators ("auto"), fp32 on CPU, or as configured."""
     if mode == "bf16" or (mode == "auto" and device.type != "cpu"):
-        return torch.bfloat16
+        return "bf16"
     return None
 
 
 def _restore(engine) -> dict:
-    """Load the latest Ray Train checkpoint into the engine; returns its meta (or a fresh one)."""
+    """Load the newest valid checkpoint into the engine, whatever layout saved it; returns
+    its meta (or a fresh one). A corrupt or half-written checkpoint is skipped with a warning."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return {"step": 0, "cursor": 0, "tokens_seen": 0}
     with checkpoint.as_directory() as directory:
-        state = load_training_state(directory)
-    engine.load_state(state["model"], state["optimizer"])
-    return state["meta"]
+        latest = Path(directory)
+        older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
+                       reverse=True)
+        chosen, refused = newest_valid_checkpoint([latest, *older])
+        for reason in refused:
+            log.warning("skipping checkpoint: %s", reason)
+        if chosen is None:
+            raise CheckpointError(f"no valid checkpoint among {[str(p) for p in (latest, *older)]}: {refused}")
+        state = load_training_state(chosen)
+    if state["optimizer"] is None and engine.plan.backend == "deepspeed":
+        log.warning("DeepSpeed: optimizer moments restart from zero (only weights are in the checkpoint)")
+    engine.set_state(state["model"], state["optimizer"], full=True)
+    meta = state["meta"]
+    if meta.get("world_size") not in (None, ctx_world_size()):
+        log.warning("resuming a checkpoint saved at world size %s on %s workers (layout %s)",
+                    meta.get("world_size"), ctx_world_size(), engine.plan.describe())
+    return meta
+
+
+def ctx_world_size() -> int:
+    """World size of this worker group."""
+    return ray.train.get_context().get_world_size()
 
 
 def _report(metrics: dict, rank: int, with_checkpoint: bool, engine, meta: dict) -> None:
@@ -48,9 +78,10 @@ def _report(metrics: dict, rank: int, with_checkpoint: bool, engine, meta: dict)
     tmp = None
     try:
         checkpoint = None
+        model_state, optim_state = gather_full_state(engine)  # collective: every rank joins
         if rank == 0:
             tmp = tempfile.mkdtemp(prefix="raytune_llama_ckpt_")
-            save_training_state(tmp, model=engine.model_state_dict(), optimizer=engine.optimizer_state_dict(), meta=meta)
+            save_training_state(tmp, model=model_state, optimizer=optim_state, meta=meta)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
     finally:
@@ -76,16 +107,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    model = load_model(loop_config["model_path"])
-    engine = DDPEngine(
-        model, device=device, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        betas=cfg.train.betas, max_grad_norm=cfg.train.max_grad_norm,
-        micro_batch_size=cfg.train.micro_batch_size,
-        autocast_dtype=_autocast_dtype(cfg.parallel.mixed_precision, device),
+    plan = ParallelPlan.from_dict(loop_config["plan"])
+    t = cfg.train
+    engine = build_engine(
+        loop_config["model_path"], plan, device_type=device.type, lr=t.lr, weight_decay=t.weight_decay,
+        betas=t.betas, max_grad_norm=t.max_grad_norm,
+        mixed_precision=_mixed_precision(cfg.parallel.mixed_precision, device),
     )
     meta = _restore(engine)
     step, cursor, tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
-    t, ck = cfg.train, cfg.checkpoint
+    ck = cfg.checkpoint
     stop_at = min(t.max_steps, step + t.stop_after_steps) if t.stop_after_steps else t.max_steps
     board = loop_config.get("progress_board")
     perf = loop_config.get("performance", {})
@@ -127,5 +158,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if due or step % t.log_every == 0:
             meta = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "world_size": world}
             _report(metrics, rank, bool(due), engine, meta)
-    if step >= t.max_steps and rank == 0:
-        export_model(engine.module, load_tokenizer(loop_config["tokenizer_path"]), loop_config["export_path"])
+    if step >= t.max_steps:
+        model_state, _ = gather_full_state(engine)  # collective: every rank joins
+        if rank == 0:
+            export_model(hf_model_with(loop_config["model_path"], model_state),
+                         load_tokenizer(loop_config["tokenizer_path"]), loop_config["export_path"])
+    engine.close()

@@ -39,7 +39,7 @@ def test_validation_matrix_reports_every_problem_once(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text('{"body": "hello"}\n')
     cfg = load_config(TINY, [
-        "train.global_batch_size=10", "train.micro_batch_size=4", "parallel.num_workers=2",
+        "train.global_batch_size=0", "parallel.layout=tp2", "parallel.num_workers=2",
         "train.lr=-1", "data.seq_len=0", f"data.path={data}", "model.name_or_path=/no/such/model",
         "model.random_init=null", "checkpoint.resume=sometimes", "train.max_steps=2.5",
     ])
@@ -47,14 +47,15 @@ def test_validation_matrix_reports_every_problem_once(tmp_path):
         cfg.validate()
     problems = err.value.problems
     text = "\n".join(problems)
-    assert "train.global_batch_size: 10 is not divisible by parallel.num_workers (2) x train.micro_batch_size (4) = 8; use 8 or 16" in text
+    assert "train.global_batch_size: 0 must be >= 1" in text
+    assert "parallel.layout: 'tp2' must be like" in text
     assert "train.lr: -1.0 must be > 0" in text
     assert "data.seq_len: 0 must be >= 2" in text
     assert "data.text_column: column 'text' is not in" in text and "['body']" in text
     assert "model.name_or_path: '/no/such/model' does not exist" in text
     assert "checkpoint.resume: 'sometimes' is not one of" in text
     assert "train.max_steps: expected a whole number, got 2.5" in text
-    assert len(problems) == 7, text
+    assert len(problems) == 8, text
 
 
 def test_missing_data_path_and_unknown_preset(tmp_path):

@@ -1,0 +1,94 @@
+"""DeepSpeed ZeRO-1/2/3 (optional CPU optimizer offload) behind the ParallelEngine interface.
+
+Data parallel only (tp == pp == 1): every process is a dp rank. The engine hands DeepSpeed a
+torch AdamW (no FusedAdam / CPUAdam C++ build; `zero_force_ds_cpu_optimizer: false` allows it
+under offload) and keeps its own loss normalisation: DeepSpeed divides each micro-batch loss
+by gradient_accumulation_steps and averages gradients over dp ranks, so the engine multiplies
+its globally-normalised loss by ga * dp before `backward` to cancel both.
+Note: ZeRO-3 with parameter offload as well aborted at process exit on CPU; only optimizer
+offload is exposed (plan.offload).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from raytune_llama.planner.plan import ParallelPlan
+
+log = logging.getLogger(__name__)
+
+
+def validate_deepspeed(plan: ParallelPlan) -> None:
+    """Raise a ValueError for plan knobs the DeepSpeed backend does not implement."""
+    problems = []
+    if plan.tp != 1:
+        problems.append(f"backend 'deepspeed' supports tensor parallel degree 1 only (got tp={plan.tp})")
+    if plan.pp != 1:
+        problems.append(f"backend 'deepspeed' supports pipeline degree 1 only (got pp={plan.pp})")
+    if plan.offload and plan.zero_stage == 0:
+        problems.append("offload (True) needs zero_stage >= 1 with backend 'deepspeed' (got zero_stage=0)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def deepspeed_config(plan: ParallelPlan, max_grad_norm: float | None, mixed_precision: str | None) -> dict:
+    """The DeepSpeed JSON config equivalent of `plan`."""
+    zero: dict = {"stage": plan.zero_stage}
+    if plan.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.dp,
+        "gradient_clipping": float(max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "bf16": {"enabled": mixed_precision == "bf16"},
+        "fp16": {"enabled": mixed_precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan,
+                           max_grad_norm: float | None, mixed_precision: str | None):
+    """deepspeed.initialize on an existing torch.distributed world; returns the DeepSpeedEngine."""
+    import deepspeed
+
+    validate_deepspeed(plan)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer,
+        config=deepspeed_config(plan, max_grad_norm, mixed_precision),
+    )
+    log.info("deepspeed: ZeRO-%d over dp=%d%s", plan.zero_stage, plan.dp, " + CPU optimizer offload" if plan.offload else "")
+    return engine
+
+
+def gathered_model_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full (unsharded) module weights on CPU, on every rank."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def load_model_state_dict(engine, state: dict[str, torch.Tensor]) -> None:
+    """Load full module weights on every rank and refresh DeepSpeed's fp32 master copies."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            module.load_state_dict(state, strict=True)
+    else:
+        module.load_state_dict(state, strict=True)
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()

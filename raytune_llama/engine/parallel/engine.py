@@ -1,0 +1,227 @@
+"""ParallelEngine: one object that a training loop (the Ray worker, torchrun, a test) drives.
+
+    engine = ParallelEngine(model, plan, lr=3e-4, weight_decay=0.1, max_grad_norm=1.0)
+    dp_rank, dp_size = engine.dp_rank, engine.dp_size         # slice the global batch by these
+    stats = engine.train_step({"input_ids": ids, "labels": labels})  # this dp rank's rows
+    engine.set_lr(new_lr)
+    model_sd, optim_sd = engine.get_state(full=False)         # DCP-ready shards (HF FQNs)
+
+Sharded loading: pass a meta-device model (sharded_load.meta_model(config)) and
+`load_from=<safetensors file or folder>`; each rank reads only its own slices.
+
+Loss normalisation (see engine/loss.py): every micro-batch contributes
+sum(token CE) / T_global, where T_global is the number of non-ignored target tokens of the
+whole GLOBAL batch (all-reduced over the dp axis once per step). Gradient reductions
+average over dp ranks (DDP/FSDP/DeepSpeed all do), so the backward loss is scaled by dp_size
+to turn that mean back into the sum. The result equals one process on the global batch.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from raytune_llama.engine.loss import count_target_tokens, summed_causal_lm_loss
+from raytune_llama.planner.plan import ParallelPlan
+
+from . import deepspeed_backend as ds
+from .data_parallel import uses_fsdp
+from .mesh import build_mesh, data_parallel_rank_and_size, default_device_type, dp_mesh, init_distributed
+from .model_stages import build_stage
+from .optim import build_adamw, clip_grad_norm
+from .parallelize import parallelize
+from .pipeline import build_schedule
+from .recompute import apply_recompute
+from .sharded_load import materialize_and_load
+
+log = logging.getLogger(__name__)
+
+
+class ParallelEngine:
+    """Applies a ParallelPlan to an HF causal LM and runs optimizer steps on global batches."""
+
+    def __init__(self, model: nn.Module, plan: ParallelPlan, *, mesh=None, device: str | None = None,
+                 lr: float = 3e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, max_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
+                 layer_costs: Sequence[float] | None = None, compile: bool = False,
+                 load_from: str | None = None):
+        device_type = device or default_device_type()
+        init_distributed(device_type)
+        self.plan = plan
+        self.mesh = mesh if mesh is not None else build_mesh(plan, device_type)
+        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" \
+            else torch.device(device_type)
+        self.max_grad_norm = max_grad_norm
+        self.mixed_precision = mixed_precision
+        self.dp_rank, self.dp_size = data_parallel_rank_and_size(self.mesh)
+        self._dp_group = dp_mesh(self.mesh).get_group()
+        self._pp_group = self.mesh.get_group("pp") if plan.pp > 1 else None
+        self.schedule = None
+        self.ds_engine = None
+        adam = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        if load_from is not None and (plan.backend != "torch" or (plan.zero_stage == 0 and plan.tp == 1 and plan.dp > 1)):
+            raise ValueError("load_from (sharded loading of a meta-device model) needs backend 'torch' "
+                             f"with FSDP or TP (got backend={plan.backend!r}, zero_stage={plan.zero_stage}, tp={plan.tp})")
+        if plan.backend == "deepspeed":
+            stage = build_stage(model, 0, 1).to(self.device)
+            apply_recompute(stage, plan.recompute)
+            optimizer = build_adamw(stage.named_parameters(), **adam)
+            self.ds_engine = ds.build_deepspeed_engine(stage, optimizer, plan, max_grad_norm, mixed_precision)
+            self.stages, self.modules, self.stage_ids = [stage], [self.ds_engine], [0]
+            self.optimizer = self.ds_engine.optimizer
+        elif plan.backend == "torch":
+            pm = parallelize(model, plan, self.mesh, layer_costs=layer_costs, compile=compile,
+                             mixed_precision=mixed_precision)
+            self.stages, self.modules, self.stage_ids = pm.stages, pm.modules, pm.stage_ids
+            if load_from is not None:
+                # Meta-device model: allocate and read only this rank's shards (before the
+                # optimizer exists, so it sees the materialised parameters).
+                materialize_and_load(self.stages, load_from, self.device)
+            self.optimizer = build_adamw(self._named_params(), **adam)
+            if plan.pp > 1:
+                self.schedule, self._pipe_stages = build_schedule(
+                    self.modules, self.stage_ids, plan, self.mesh, self.device, self._pipeline_loss)
+        else:
+            raise ValueError(f"backend must be 'torch' or 'deepspeed', got {plan.backend!r}")
+        # Autocast only where FSDP2's MixedPrecisionPolicy is not doing the casting.
+        self._autocast = mixed_precision is not None and plan.backend == "torch" and not uses_fsdp(plan)
+        self._loss_scale = 1.0
+        self._pp_ce: list[torch.Tensor] = []
+        log.info("engine: %s on %s, dp rank %d/%d", plan.describe(), self.device, self.dp_rank, self.dp_size)
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        """The module this rank runs (the wrapped stage; first stage when it holds several)."""
+        return self.modules[0]
+
+    def _named_params(self):
+        seen = set()
+        for stage in self.stages:
+            for name, p in stage.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield name, p
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Parameters held by this rank (all its stages), each once."""
+        return [p for _, p in self._named_params()]
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float | int]:
+        """One optimizer step on this dp rank's rows of the global batch; returns global stats."""
+        input_ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        rows = self.plan.micro_batch_size * self.plan.grad_accum
+        if input_ids.shape[0] != rows:
+            raise ValueError(f"batch has {input_ids.shape[0]} rows; this dp rank needs micro_batch_size * "
+                             f"grad_accum = {self.plan.micro_batch_size} * {self.plan.grad_accum} = {rows}")
+        # Sync point 1: the global target-token count (dp axis only: tp/pp peers hold the same rows).
+        tokens = torch.tensor([count_target_tokens(labels)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tokens, group=self._dp_group)
+        global_tokens = int(tokens.item())
+        inv_tokens = 1.0 / max(global_tokens, 1)
+        if self.ds_engine is not None:
+            local_ce = self._deepspeed_step(input_ids, labels, inv_tokens)
+            grad_norm = self.ds_engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            # Gradient reductions average over dp; scale back up so they sum (see module doc).
+            self._loss_scale = self.dp_size * inv_tokens
+            with self._maybe_autocast():
+                local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
+                    else self._micro_batch_step(input_ids, labels)
+            grad_norm = clip_grad_norm(self.parameters(), self.max_grad_norm, self._pp_group)
+            self.optimizer.step()
+        # Sync point 2: the reported loss is the global token mean (only last-stage ranks hold CE).
+        ce = local_ce.detach().to(self.device, torch.float64).reshape(1)
+        if self._pp_group is not None:
+            dist.all_reduce(ce, group=self._pp_group)
+        dist.all_reduce(ce, group=self._dp_group)
+        return {"loss": float(ce.item()) * inv_tokens, "grad_norm": grad_norm, "tokens": global_tokens}
+
+    # -- step internals ---------------------------------------------------------------------
+    def _maybe_autocast(self):
+        if self._autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    def _micro_batch_step(self, input_ids, labels) -> torch.Tensor:
+        module, ga, mbs = self.modules[0], self.plan.grad_accum, self.plan.micro_batch_size
+        total = torch.zeros((), device=self.device)
+        for i in range(ga):
+            last = i == ga - 1
+            ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
+            self._set_grad_sync(module, last)
+            ce = summed_causal_lm_loss(module(ids), lab)
+            (ce * self._loss_scale).backward()
+            total = total + ce.detach()
+        return total
+
+    def _set_grad_sync(self, module, last: bool) -> None:
+        # DDP and ZeRO-1 all-reduce once, after the last micro-batch; ZeRO-2/3 reduce-scatter
+        # every micro-batch so that only gradient shards are ever accumulated.
+        if isinstance(module, DistributedDataParallel):
+            module.require_backward_grad_sync = last
+        elif isinstance(module, FSDPModule) and self.plan.zero_stage <= 1:
+            module.set_requires_gradient_sync(last)
+
+    def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ce = summed_causal_lm_loss(logits, labels)
+        self._pp_ce.append(ce.detach())
+        return ce * self._loss_scale
+
+    def _pipeline_step(self, input_ids, labels) -> torch.Tensor:
+        self._pp_ce = []
+        holds_first = 0 in self.stage_ids
+        holds_last = (self.plan.pp * self.plan.virtual_stages - 1) in self.stage_ids
+        args = (input_ids,) if holds_first else ()
+        self.schedule.step(*args, target=labels if holds_last else None, return_outputs=False)
+        if not self._pp_ce:
+            return torch.zeros((), device=self.device)
+        # The first step's stage initialisation runs the loss once more for shape inference:
+        # only the last grad_accum calls are this step's micro-batches.
+        return torch.stack(self._pp_ce[-self.plan.grad_accum:]).sum()
+
+    def _deepspeed_step(self, input_ids, labels, inv_tokens: float) -> torch.Tensor:
+        eng, ga, mbs = self.ds_engine, self.plan.grad_accum, self.plan.micro_batch_size
+        # DeepSpeed divides by gradient_accumulation_steps and averages over dp: undo both.
+        scale = inv_tokens * ga * self.dp_size
+        total = torch.zeros((), device=self.device)
+        for i in range(ga):
+            ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
+            ce = summed_causal_lm_loss(eng(ids), lab)
+            eng.backward(ce * scale)
+            eng.step()  # only applies the update at the accumulation boundary
+            total = total + ce.detach()
+        return total
+
+    # -- checkpoint state -------------------------------------------------------------------
+    def get_state(self, full: bool = False):
+        """(model_state, optimizer_state) with HF FQNs; full=True gathers dp/tp shards to CPU tensors."""
+        from .state import get_engine_state
+
+        return get_engine_state(self, full)
+
+    def set_state(self, model_state, optim_state=None, full: bool = False) -> None:
+        """Load state produced by `get_state` (same `full`); pipeline ranks take their own keys."""
+        from .state import set_engine_state
+
+        set_engine_state(self, model_state, optim_state, full)
+
+    def close(self) -> None:
+        """Drop references (DeepSpeed keeps global state) so a new engine can be built in-process."""
+        self.schedule = None
+        if self.ds_engine is not None:
+            self.ds_engine.destroy()
+            self.ds_engine = None

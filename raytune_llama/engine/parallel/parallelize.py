@@ -1,0 +1,90 @@
+"""Apply a ParallelPlan to a Hugging Face Llama-class causal LM (torch backend).
+
+Fixed order, per stage module this rank holds (torchtitan's order, for the same reasons):
+  1. cut the model into pipeline stages (pp == 1: one stage holding everything)
+  2. tensor parallel   - must see plain nn.Linear modules, so before any wrapper
+  3. recompute         - wraps whole (already TP-sharded) decoder layers
+  4. torch.compile     - per decoder layer (smaller graphs, compiles once for all layers); off on CPU
+  5. data parallel     - FSDP2 / DDP last: it shards whatever parameters (plain or DTensor) it finds
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from raytune_llama.planner.plan import ParallelPlan
+
+from .data_parallel import apply_data_parallel
+from .model_stages import CausalLMStage, build_stage, stage_ids_for_rank
+from .pipeline import validate_pipeline
+from .recompute import apply_recompute
+from .tensor_parallel import apply_tensor_parallel, validate_tensor_parallel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParallelModel:
+    """What `parallelize` produced on this rank."""
+
+    modules: list[nn.Module]
+    """Modules to run, one per stage held (wrapped by DDP/FSDP where applicable)."""
+    stages: list[CausalLMStage]
+    """The same stages unwrapped (DDP hides its module under `.module`)."""
+    stage_ids: list[int]
+    """Global pipeline stage index of each module."""
+    num_stages: int
+    """pp * virtual_stages."""
+
+
+def validate_plan_for_model(plan: ParallelPlan, config) -> None:
+    """Raise a ValueError for a plan the torch backend cannot apply to this model."""
+    if plan.tp > 1:
+        validate_tensor_parallel(config, plan.tp)
+    if plan.pp > 1 or plan.virtual_stages > 1:
+        validate_pipeline(plan, config.num_hidden_layers)
+    if plan.sequence_parallel and plan.tp == 1:
+        raise ValueError("sequence_parallel (True) needs tensor parallel degree tp > 1 (got 1)")
+
+
+def apply_compile(stage: CausalLMStage) -> None:
+    """torch.compile each decoder layer in place (FQNs unchanged)."""
+    for layer in stage.model.layers.values():
+        layer.compile(fullgraph=False)
+    log.info("torch.compile: %d decoder layers", len(stage.model.layers))
+
+
+def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, *,
+                layer_costs: Sequence[float] | None = None, compile: bool = False,
+                mixed_precision: str | None = None) -> ParallelModel:
+    """Cut, shard and wrap `model` (an HF *ForCausalLM) for `plan` on this rank's part of `mesh`."""
+    validate_plan_for_model(plan, model.config)
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
+        else torch.device(mesh.device_type)
+    num_stages = plan.pp * plan.virtual_stages
+    pp_rank = mesh.get_local_rank("pp")
+    stage_ids = stage_ids_for_rank(pp_rank, plan.pp, plan.virtual_stages)
+    stages, modules = [], []
+    for sid in stage_ids:
+        stage = build_stage(model, sid, num_stages, layer_costs)
+        if not any(p.is_meta for p in stage.parameters()):
+            stage.to(device)
+        # 1. tensor (+ sequence) parallel
+        if plan.tp > 1:
+            apply_tensor_parallel(stage, mesh["tp"], plan.sequence_parallel)
+        # 2. activation recompute
+        apply_recompute(stage, plan.recompute)
+        # 3. per-block compile: off on CPU (compile time would dwarf the tiny steps there)
+        if compile and mesh.device_type != "cpu":
+            apply_compile(stage)
+        # 4. data parallel
+        modules.append(apply_data_parallel(stage, plan, mesh, mixed_precision))
+        stages.append(stage)
+        log.info("stage %d/%d: layers %s%s%s", sid, num_stages, list(stage.model.layers.keys()),
+                 " +embedding" if stage.is_first else "", " +norm+lm_head" if stage.is_last else "")
+    return ParallelModel(modules=modules, stages=stages, stage_ids=stage_ids, num_stages=num_stages)

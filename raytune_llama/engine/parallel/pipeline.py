@@ -1,0 +1,54 @@
+"""Pipeline parallel with torch.distributed.pipelining: this rank's stage modules become
+`PipelineStage`s and one schedule (GPipe, 1F1B or interleaved 1F1B with virtual stages)
+runs all micro-batches of a step. The loss function given here already normalises by the
+global token count, so the schedule must NOT rescale gradients by the micro-batch count."""
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from raytune_llama.planner.plan import ParallelPlan
+
+log = logging.getLogger(__name__)
+
+_SINGLE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def validate_pipeline(plan: ParallelPlan, num_layers: int) -> None:
+    """Raise one ValueError listing every pipeline knob that cannot work for this model."""
+    problems = []
+    stages = plan.pp * plan.virtual_stages
+    if stages > num_layers:
+        problems.append(f"pipeline stages (pp * virtual_stages = {stages}) must not exceed the number of decoder layers ({num_layers})")
+    if plan.virtual_stages > 1 and plan.pp_schedule != "interleaved_1f1b":
+        problems.append(f"virtual_stages ({plan.virtual_stages}) > 1 needs pp_schedule 'interleaved_1f1b', got '{plan.pp_schedule}'")
+    if plan.pp_schedule == "interleaved_1f1b" and plan.grad_accum % plan.pp:
+        problems.append(f"interleaved 1F1B needs grad_accum (micro-batches, {plan.grad_accum}) to be a multiple of pp ({plan.pp})")
+    if plan.pp_schedule == "1f1b" and plan.grad_accum < plan.pp:
+        problems.append(f"1F1B needs grad_accum (micro-batches, {plan.grad_accum}) >= pp ({plan.pp})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def build_schedule(modules: list[nn.Module], stage_ids: list[int], plan: ParallelPlan, mesh: DeviceMesh,
+                   device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """Wrap this rank's stage modules in PipelineStages and return the plan's schedule."""
+    num_stages = plan.pp * plan.virtual_stages
+    group = mesh.get_group("pp")
+    stages = [PipelineStage(m, sid, num_stages, device, group=group) for m, sid in zip(modules, stage_ids)]
+    if plan.pp_schedule == "interleaved_1f1b":
+        schedule = ScheduleInterleaved1F1B(stages, n_microbatches=plan.grad_accum, loss_fn=loss_fn,
+                                           scale_grads=False)
+    elif plan.pp_schedule in _SINGLE:
+        schedule = _SINGLE[plan.pp_schedule](stages[0], n_microbatches=plan.grad_accum, loss_fn=loss_fn,
+                                             scale_grads=False)
+    else:
+        raise ValueError(f"pp_schedule must be one of gpipe|1f1b|interleaved_1f1b, got {plan.pp_schedule!r}")
+    log.info("pipeline: %s pp=%d stages %s of %d, %d micro-batches", plan.pp_schedule, plan.pp,
+             stage_ids, num_stages, plan.grad_accum)
+    return schedule, stages

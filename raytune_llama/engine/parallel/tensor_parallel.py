@@ -1,0 +1,115 @@
+"""Tensor (+ sequence) parallel for Llama-class decoder layers with DTensor.
+
+Megatron layout: q/k/v and gate/up are column-parallel (each rank owns whole heads / a slice
+of the FFN), o and down are row-parallel (their partial sums are all-reduced, or
+reduce-scattered along the sequence with sequence parallel). With sequence parallel the
+residual stream between blocks stays sharded along the sequence (dim 1) and the RMSNorms run
+on their shard; attention and MLP inputs are all-gathered to the full sequence first.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+from .model_stages import CausalLMStage
+
+log = logging.getLogger(__name__)
+
+
+def validate_tensor_parallel(config, tp: int) -> None:
+    """Raise one ValueError listing every model dimension that `tp` does not divide."""
+    problems = []
+    for what, n in (
+        ("attention heads", config.num_attention_heads),
+        ("key/value heads", getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
+        ("intermediate (FFN) size", config.intermediate_size),
+    ):
+        if n % tp:
+            problems.append(f"tensor parallel degree ({tp}) must divide the number of {what} ({n})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def decoder_layer_tp_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """TP layout of one decoder layer: submodule name -> parallel style."""
+    if not sequence_parallel:
+        return {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+    return {
+        "input_layernorm": SequenceParallel(),
+        # HF passes hidden_states to self_attn as a keyword argument: gather it to the full sequence.
+        "self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+            use_local_output=True,
+        ),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        "post_attention_layernorm": SequenceParallel(),
+        "mlp": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        ),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def outer_tp_plan(stage: CausalLMStage, sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """TP layout of the embedding / final norm / lm_head held by this stage."""
+    seq = Shard(1) if sequence_parallel else Replicate()
+    plan: dict[str, ParallelStyle] = {}
+    if stage.is_first:
+        # Vocab-parallel embedding; its output leaves sequence-sharded under SP.
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if stage.is_last:
+        if sequence_parallel:
+            plan["model.norm"] = SequenceParallel()
+        # Logits are gathered (Replicate) so the loss sees the full vocabulary.
+        plan["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
+    return plan
+
+
+def apply_tensor_parallel(stage: CausalLMStage, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Shard one stage's layers (and embedding/lm_head) over the tp mesh axis, in place."""
+    tp = tp_mesh.size()
+    validate_tensor_parallel(stage.config, tp)
+    vocab_ok = stage.config.vocab_size % tp == 0
+    outer = outer_tp_plan(stage, sequence_parallel)
+    if not vocab_ok:
+        # An uneven vocab split would need padding; keep embedding/lm_head replicated instead,
+        # but under SP they must still move activations between full and sharded sequence.
+        if sequence_parallel:
+            raise ValueError(
+                f"sequence parallel needs the tensor parallel degree ({tp}) to divide the "
+                f"vocabulary size ({stage.config.vocab_size})"
+            )
+        outer = {k: v for k, v in outer.items() if k == "model.norm"}
+    if outer:
+        parallelize_module(stage, tp_mesh, outer)
+    layer_plan = decoder_layer_tp_plan(sequence_parallel)
+    for layer in stage.model.layers.values():
+        parallelize_module(layer, tp_mesh, layer_plan)
+    if sequence_parallel:
+        stage.sp_degree = tp
+    log.info("tensor parallel: tp=%d sequence_parallel=%s over %d layers (%s)",
+             tp, sequence_parallel, len(stage.model.layers), ", ".join(sorted(outer)) or "no embedding/head")

@@ -1,0 +1,160 @@
+"""Numerics harness: run parallel layouts in spawned gloo process groups and a single-process
+reference on the same tiny Llama, seed and data, and return per-step losses.
+
+Several layouts run one after another inside ONE spawned group (spawning + importing torch /
+transformers / deepspeed is the dominant cost on a 2-core machine).
+Run: TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m pytest tests/numerics -q -s
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import torch
+
+IGNORE_INDEX = -100
+SEED = 1234
+STEPS = 5
+SEQ_LEN = 32
+GLOBAL_ROWS = 8
+HP = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), max_grad_norm=1.0)
+
+
+def tiny_config():
+    """The 4-layer, 64-wide Llama used by every numerics test (GQA: 4 heads, 2 kv heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=False, attn_implementation="sdpa")
+
+
+def tiny_model():
+    """Random-init tiny Llama from a fixed seed (identical in every process)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    return LlamaForCausalLM(tiny_config()).float()
+
+
+def global_batches(steps: int = STEPS, rows: int = GLOBAL_ROWS, seq: int = SEQ_LEN) -> list[dict]:
+    """Random tokens; each row ends in a random-length run of -100 labels (padding)."""
+    g = torch.Generator().manual_seed(SEED + 1)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 512, (rows, seq), generator=g)
+        labels = ids.clone()
+        pad = torch.randint(0, seq // 2, (rows,), generator=g)
+        for r in range(rows):
+            if pad[r]:
+                labels[r, seq - int(pad[r]):] = IGNORE_INDEX
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def weight_checksums(state: dict) -> dict[str, float]:
+    """Per-tensor sum of |w| (compares final weights across layouts cheaply)."""
+    return {k: float(v.detach().double().abs().sum()) for k, v in state.items()}
+
+
+def reference_run(steps: int = STEPS) -> tuple[list[float], dict[str, float]]:
+    """Plain HF LlamaForCausalLM + torch AdamW + clip_grad_norm_ on the whole global batch:
+    (per-step losses, final weight checksums)."""
+    from raytune_llama.engine.parallel.optim import adamw_param_groups
+
+    torch.set_num_threads(1)
+    model = tiny_model()
+    opt = torch.optim.AdamW(adamw_param_groups(model.named_parameters(), HP["weight_decay"]),
+                            lr=HP["lr"], betas=HP["betas"])
+    losses = []
+    for batch in global_batches(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        loss = loss.detach()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), HP["max_grad_norm"])
+        opt.step()
+        losses.append(float(loss))
+    return losses, weight_checksums(model.state_dict())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_prefix: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # 2 cores shared by up to 4 ranks
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated c10d calls
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # logits are never modified in place
+    import torch.distributed as dist
+
+    from raytune_llama.engine.parallel import ParallelEngine
+    from raytune_llama.planner.plan import ParallelPlan
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    batches = global_batches(steps)
+    results = {}
+    for name, plan_dict in layouts:
+        t0 = time.time()
+        failed = False
+        try:
+            engine = ParallelEngine(tiny_model(), ParallelPlan(**plan_dict), device="cpu", **HP)
+            per = GLOBAL_ROWS // engine.dp_size
+            lo, hi = engine.dp_rank * per, (engine.dp_rank + 1) * per
+            stats = [engine.train_step({k: v[lo:hi] for k, v in b.items()}) for b in batches]
+            # Gathered (full) weights under HF names; pipeline ranks contribute their own stages.
+            full_state, _ = engine.get_state(full=True)
+            engine.close()
+            results[name] = {"losses": [s["loss"] for s in stats], "grad_norms": [s["grad_norm"] for s in stats],
+                             "tokens": [s["tokens"] for s in stats], "seconds": time.time() - t0,
+                             "checksums": weight_checksums(full_state)}
+        except Exception:
+            results[name] = {"error": f"rank {rank}: " + traceback.format_exc(), "seconds": time.time() - t0}
+            failed = True
+        with open(f"{out_prefix}{rank}.json", "w") as f:
+            json.dump(results, f)
+        if failed:
+            # Peers may be blocked in a pipeline recv that has no timeout: exit so that
+            # mp.spawn tears the whole group down instead of hanging.
+            os._exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_layouts(world: int, layouts: list[tuple[str, dict]], steps: int = STEPS) -> dict:
+    """Run `layouts` (name, ParallelPlan kwargs) in one spawned group of `world` gloo ranks."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".cache", "torch_extensions"))
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "rank")
+        try:
+            mp.spawn(_worker, args=(world, _free_port(), layouts, steps, prefix), nprocs=world, join=True)
+            err = None
+        except Exception as exc:  # keep the layouts that finished before the failure
+            err = f"process group failed: {exc}"
+        per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json") else {}
+                    for r in range(world)]
+    results = {}
+    for name, _ in layouts:
+        errors = [pr[name]["error"] for pr in per_rank if "error" in pr.get(name, {})]
+        if errors:
+            results[name] = {"error": "\n".join(errors)}
+        elif name in per_rank[0]:
+            results[name] = per_rank[0][name]
+            for pr in per_rank[1:]:  # union of the stage keys held by the pipeline ranks
+                results[name]["checksums"].update(pr[name].get("checksums", {}))
+        else:
+            results[name] = {"error": err or "no result"}
+    return results
