@@ -21,6 +21,10 @@ _EXPORTS = {
     "ConfigError": "raytune_llama.config",
     "load_config": "raytune_llama.config",
     "LlamaTrainer": "raytune_llama.trainer.llama_trainer",
+    "enable_advanced_parallelization": "raytune_llama.engine.one_line",
+    "disable_advanced_parallelization": "raytune_llama.engine.one_line",
+    "get_dataset_shard": "raytune_llama.trainer.user_loop",
+    "log_step": "raytune_llama.trainer.user_loop",
 }
 
 __all__ = sorted(_EXPORTS)

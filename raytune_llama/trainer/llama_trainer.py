@@ -39,6 +39,17 @@ class LlamaTrainer:
 
     def fit(self) -> dict:
         """Run training to train.max_steps (or stop_after_steps); return the run summary."""
+        from raytune_llama.trainer.worker_loop import train_loop_per_worker
+
+        return self._run(train_loop_per_worker, user_args=None)
+
+    def launch(self, train_fn, user_args: dict) -> dict:
+        """Run the user's own per-worker loop `train_fn(args)` (a plain PyTorch loop with
+        `raytune_llama.enable_advanced_parallelization()`) with this config's model, data and
+        layout; args gets model_path and tokenizer_path added. Returns the run summary."""
+        return self._run(train_fn, user_args=dict(user_args))
+
+    def _run(self, train_fn, user_args: dict | None) -> dict:
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train import DataConfig as RayDataConfig
@@ -48,7 +59,7 @@ class LlamaTrainer:
         from raytune_llama.trainer.data_pipeline import build_packed_dataset
         from raytune_llama.trainer.planning import make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
-        from raytune_llama.trainer.worker_loop import train_loop_per_worker
+        from raytune_llama.trainer.user_loop import user_loop_env
 
         cfg = self.config
         self._check_resume_policy()
@@ -74,15 +85,22 @@ class LlamaTrainer:
                 ])
             print(f"[raytune_llama] data: {info.num_samples:,} packed sequences of {info.seq_len} "
                   f"tokens from {cfg.data.path}", flush=True)
-            board = ProgressBoard.remote()
+            board_name = f"raytune_llama_progress_{cfg.run.name}_{int(started * 1000)}"
+            board = ProgressBoard.options(name=board_name).remote()
             printer = ProgressPrinter(board).start()
-            trainer = TorchTrainer(
-                train_loop_per_worker,
-                train_loop_config={
+            env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
+            if user_args is None:
+                loop_config = {
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
                     "export_path": str(cfg.export_path), "num_samples": info.num_samples,
                     "progress_board": board, "performance": perf, "plan": run_plan.plan.to_dict(),
-                },
+                }
+            else:
+                loop_config = {**user_args, "model_path": model_path, "tokenizer_path": tokenizer_path}
+                env.update(user_loop_env(run_plan.plan, board_name, info.num_samples, cfg))
+            trainer = TorchTrainer(
+                train_fn,
+                train_loop_config=loop_config,
                 scaling_config=ScalingConfig(
                     num_workers=p.num_workers, use_gpu=p.use_gpu,
                     resources_per_worker={"CPU": p.cpus_per_worker},
@@ -92,8 +110,7 @@ class LlamaTrainer:
                     failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
                     logging_config=LoggingConfig(log_level="WARNING"),
-                    # CPU workers: tell DeepSpeed (imported by transformers) not to probe for GPUs.
-                    worker_runtime_env=None if p.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
+                    worker_runtime_env={"env_vars": env} if env else None,
                 ),
                 datasets={"train": dataset},
                 # Unsplit: every worker walks the same global order and takes its slice.

@@ -119,6 +119,16 @@ class ParallelEngine:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float | int]:
         """One optimizer step on this dp rank's rows of the global batch; returns global stats."""
+        if self.ds_engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        stats = self.forward_backward(batch)
+        stats["grad_norm"] = self.optimizer_step()
+        return stats
+
+    def forward_backward(self, batch: dict[str, torch.Tensor]) -> dict[str, float | int]:
+        """Forward and backward over this dp rank's micro-batches, gradients reduced per the
+        layout and accumulated into .grad; no optimizer step. Returns the global mean loss
+        over every non-ignored token of the global batch and that token count."""
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
         rows = self.plan.micro_batch_size * self.plan.grad_accum
@@ -132,23 +142,29 @@ class ParallelEngine:
         inv_tokens = 1.0 / max(global_tokens, 1)
         if self.ds_engine is not None:
             local_ce = self._deepspeed_step(input_ids, labels, inv_tokens)
-            grad_norm = self.ds_engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             # Gradient reductions average over dp; scale back up so they sum (see module doc).
             self._loss_scale = self.dp_size * inv_tokens
             with self._maybe_autocast():
                 local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
                     else self._micro_batch_step(input_ids, labels)
-            grad_norm = clip_grad_norm(self.parameters(), self.max_grad_norm, self._pp_group)
-            self.optimizer.step()
         # Sync point 2: the reported loss is the global token mean (only last-stage ranks hold CE).
         ce = local_ce.detach().to(self.device, torch.float64).reshape(1)
         if self._pp_group is not None:
             dist.all_reduce(ce, group=self._pp_group)
         dist.all_reduce(ce, group=self._dp_group)
-        return {"loss": float(ce.item()) * inv_tokens, "grad_norm": grad_norm, "tokens": global_tokens}
+        return {"loss": float(ce.item()) * inv_tokens, "tokens": global_tokens}
+
+    def optimizer_step(self, optimizer=None) -> float:
+        """Clip (max_grad_norm) and apply the update with the engine's AdamW, or with
+        `optimizer` (e.g. the user's own over `parameters()`); returns the pre-clip grad norm."""
+        if self.ds_engine is not None:
+            self.ds_engine.step()  # the accumulation boundary: DeepSpeed clips and updates
+            grad_norm = self.ds_engine.get_global_grad_norm()
+            return float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = clip_grad_norm(self.parameters(), self.max_grad_norm, self._pp_group)
+        (optimizer or self.optimizer).step()
+        return grad_norm
 
     # -- step internals ---------------------------------------------------------------------
     def _maybe_autocast(self):
@@ -202,9 +218,10 @@ class ParallelEngine:
             ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
             ce = summed_causal_lm_loss(eng(ids), lab)
             eng.backward(ce * scale)
-            eng.step()  # only applies the update at the accumulation boundary
+            if i < ga - 1:
+                eng.step()  # not a boundary: DeepSpeed only counts the micro-step
             total = total + ce.detach()
-        return total
+        return total  # optimizer_step() makes the boundary step
 
     # -- checkpoint state -------------------------------------------------------------------
     def get_state(self, full: bool = False):

@@ -1,0 +1,228 @@
+"""The one-line API: after `enable_advanced_parallelization()`, a plain single-device loop
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    optim = AdamW(model.parameters(), lr=...)
+    loss = model(input_ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda())[0]
+    loss.backward(); optim.step(); model.zero_grad(set_to_none=True)
+
+runs on any ParallelPlan. `from_pretrained` returns a `ParallelCausalLM`: the model laid out by
+a ParallelEngine (each rank loading only its own shards where the layout shards it).
+
+What happens where (and what a loop may do):
+* The forward call runs forward AND backward over this data-parallel rank's micro-batches
+  (pipeline schedules and gradient accumulation need both in one pass), then returns the
+  global mean loss over every non-ignored token as a tensor whose `backward()` is a no-op.
+  So `loss.backward()` is correct to call, but a loss computed by the loop from logits is not
+  supported: there are no logits to take, and the backward has already happened. A different
+  loss goes through `enable_advanced_parallelization(loss_fn=...)` (not yet offered) or the
+  `ParallelEngine` API directly.
+* `optim.step()` with a stock optimizer over `model.parameters()` updates the (sharded)
+  parameters; gradient clipping with `torch.nn.utils.clip_grad_norm_` works on them too.
+  DeepSpeed layouts route the step to DeepSpeed (with the optimizer's learning rate).
+* `.cuda()` lands tensors on the worker's device (CPU workers included).
+* Padding must be on the right (packed data has it only at the tail); the attention mask is
+  checked for that and otherwise only its padding is honoured through the labels (-100).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from raytune_llama.planner.plan import ParallelPlan
+
+log = logging.getLogger(__name__)
+PLAN_ENV = "RAYTUNE_LLAMA_PLAN"
+
+_state: dict[str, Any] = {"enabled": False, "options": {}, "originals": {}, "proxies": []}
+
+
+class ParallelCausalLM(nn.Module):
+    """What `from_pretrained` returns after the one line: an HF-style causal LM facade over
+    a ParallelEngine."""
+
+    def __init__(self, engine, config):
+        super().__init__()
+        self.engine = engine
+        self.config = config
+        self.stages = nn.ModuleList(engine.stages)  # zero_grad / train / state_dict see them
+
+    def parameters(self, recurse: bool = True):
+        """This rank's parameters (shards), each once: what an optimizer should step."""
+        return iter(self.engine.parameters())
+
+    def cuda(self, device=None):
+        """Already on the worker's device."""
+        return self
+
+    def to(self, *args, **kwargs):
+        """Already on the worker's device (dtype is set by the plan's mixed precision)."""
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
+        """Forward + backward on this rank's rows; returns an output whose .loss / [0] is the
+        global token-mean loss (already back-propagated)."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if labels is None or input_ids is None:
+            raise ValueError("the parallelized model trains on (input_ids, labels): pass labels= "
+                             "(the input ids with padding set to -100)")
+        if not torch.is_grad_enabled():
+            raise RuntimeError("evaluation forward passes are not supported on the parallelized model; "
+                               "export it (save_pretrained) and evaluate the exported model")
+        _check_right_padding(attention_mask)
+        stats = self.engine.forward_backward({"input_ids": input_ids, "labels": labels})
+        loss = torch.tensor(stats["loss"], device=self.engine.device, requires_grad=True)
+        return CausalLMOutputWithPast(loss=loss)
+
+
+def _check_right_padding(attention_mask: Optional[torch.Tensor]) -> None:
+    if attention_mask is None:
+        return
+    mask = attention_mask.to(torch.int64)
+    # Right padding: within a row, a 0 is never followed by a 1.
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("attention_mask has left padding; the parallelized model needs right padding "
+                         "(pad at the end of each row, labels -100 there)")
+
+
+def resolve_plan(model_config, explicit=None) -> ParallelPlan:
+    """The plan to apply: explicit argument, else the driver's plan (RAYTUNE_LLAMA_PLAN), else
+    one made here by the planner for this world size (global batch = world size)."""
+    if isinstance(explicit, ParallelPlan):
+        return explicit
+    if isinstance(explicit, dict):
+        return ParallelPlan.from_dict(explicit)
+    if os.environ.get(PLAN_ENV) and explicit is None:
+        return ParallelPlan.from_dict(json.loads(os.environ[PLAN_ENV]))
+    import torch.distributed as dist
+
+    from raytune_llama.engine.device_info import hardware_profile_name
+    from raytune_llama.planner.api import estimate, plan
+    from raytune_llama.planner.model_spec import from_hf_config
+
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cluster = {"hardware": hardware_profile_name(device) or "h100", "nodes": 1, "devices_per_node": world}
+    seq_len = min(int(getattr(model_config, "max_position_embeddings", 2048) or 2048), 4096)
+    workload = {"seq_len": seq_len, "global_batch": world}
+    spec = from_hf_config(model_config.to_dict())
+    if isinstance(explicit, str):
+        est = estimate(spec, cluster=cluster, workload=workload, layout=explicit)
+        if not est.feasible:
+            raise ValueError(f"layout {explicit!r} cannot run here: {'; '.join(est.reasons)}")
+        return est.plan
+    return plan(spec, cluster=cluster, workload=workload).plan
+
+
+def _from_pretrained(cls, name_or_path, *args, **kwargs):
+    """Patched AutoModelForCausalLM.from_pretrained: build the model laid out per the plan."""
+    from transformers import AutoConfig
+
+    from raytune_llama.engine.model_io import build_engine
+    from raytune_llama.engine.parallel.mesh import init_distributed
+
+    opts = _state["options"]
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    init_distributed(device_type)
+    config = AutoConfig.from_pretrained(name_or_path)
+    plan = resolve_plan(config, opts.get("plan"))
+    with _unpatched_from_pretrained():  # the engine loads weights through the real one
+        engine = build_engine(str(name_or_path), plan, device_type=device_type, lr=0.0, weight_decay=0.0,
+                              betas=(0.9, 0.95), max_grad_norm=0.0, mixed_precision=opts.get("mixed_precision"))
+    proxy = ParallelCausalLM(engine, config)
+    _state["proxies"].append(proxy)
+    log.info("raytune_llama: %s laid out as %s", name_or_path, plan.describe())
+    return proxy
+
+
+@contextlib.contextmanager
+def _unpatched_from_pretrained():
+    from transformers import AutoModelForCausalLM
+
+    patched = AutoModelForCausalLM.__dict__["from_pretrained"]
+    _restore_from_pretrained(AutoModelForCausalLM)
+    try:
+        yield
+    finally:
+        AutoModelForCausalLM.from_pretrained = patched
+
+
+def _restore_from_pretrained(cls) -> None:
+    original = _state["originals"]["from_pretrained"]
+    if original is None:
+        del cls.from_pretrained  # it was inherited
+    else:
+        cls.from_pretrained = original
+
+
+def _owner(optimizer) -> Optional[ParallelCausalLM]:
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for proxy in _state["proxies"]:
+        if proxy.engine.ds_engine is not None and ids & {id(p) for p in proxy.engine.parameters()}:
+            return proxy
+    return None
+
+
+def _adamw_step(self, *args, **kwargs):
+    """Patched AdamW.step: DeepSpeed layouts step inside DeepSpeed (with this lr)."""
+    proxy = _owner(self)
+    if proxy is None:
+        return _state["originals"]["adamw_step"](self, *args, **kwargs)
+    for group in proxy.engine.optimizer.param_groups:
+        for key in ("lr", "weight_decay", "betas", "eps"):
+            group[key] = self.param_groups[0][key]
+    proxy.engine.optimizer_step()
+    return None
+
+
+def _tensor_cuda(self, device=None, non_blocking=False, **kwargs):
+    """Patched Tensor.cuda on machines without CUDA: the tensor stays on the CPU."""
+    return self
+
+
+def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str] = None) -> None:
+    """The one line: from here on, AutoModelForCausalLM.from_pretrained returns the model laid
+    out per `plan` (a ParallelPlan, dict or layout string), the driver's plan, or the
+    planner's choice for this world size."""
+    from transformers import AutoModelForCausalLM
+
+    _state["options"] = {"plan": plan, "mixed_precision": mixed_precision}
+    if _state["enabled"]:
+        return
+    _state["originals"] = {
+        # None when the class inherits it (then restoring means deleting the override)
+        "from_pretrained": AutoModelForCausalLM.__dict__.get("from_pretrained"),
+        "adamw_step": torch.optim.AdamW.step,
+        "tensor_cuda": torch.Tensor.cuda,
+    }
+    AutoModelForCausalLM.from_pretrained = classmethod(_from_pretrained)
+    torch.optim.AdamW.step = _adamw_step
+    if not torch.cuda.is_available():
+        torch.Tensor.cuda = _tensor_cuda
+    _state["enabled"] = True
+
+
+def disable_advanced_parallelization() -> None:
+    """Undo the patches (tests, or a process that goes on to do something else)."""
+    from transformers import AutoModelForCausalLM
+
+    if not _state["enabled"]:
+        return
+    originals = _state["originals"]
+    _restore_from_pretrained(AutoModelForCausalLM)
+    torch.optim.AdamW.step = originals["adamw_step"]
+    torch.Tensor.cuda = originals["tensor_cuda"]
+    for proxy in _state["proxies"]:
+        proxy.engine.close()
+    _state.update(enabled=False, proxies=[])
+
+
+def active_engine():
+    """The ParallelEngine of the most recently loaded model (None before from_pretrained)."""
+    return _state["proxies"][-1].engine if _state["proxies"] else None

@@ -1,0 +1,93 @@
+"""Ray-side helpers for a user's own training loop (the one-line API): the batches of this
+data-parallel rank, and a progress record per step for the driver.
+
+    for batch in raytune_llama.get_dataset_shard("train"):   # one epoch per loop
+        ...
+        raytune_llama.log_step(loss=loss.item())
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterator, Optional
+
+import torch
+
+from raytune_llama.engine.one_line import PLAN_ENV, active_engine
+from raytune_llama.trainer.batches import rank_slice, ray_epoch_batches, samples_per_epoch
+
+BOARD_ENV = "RAYTUNE_LLAMA_PROGRESS_ACTOR"
+DATA_ENV = "RAYTUNE_LLAMA_DATA"
+
+
+def user_loop_env(plan, board_name: str, num_samples: int, cfg) -> dict[str, str]:
+    """Worker environment that tells the one-line API the plan, the data and the progress actor."""
+    return {
+        PLAN_ENV: json.dumps(plan.to_dict()),
+        BOARD_ENV: board_name,
+        DATA_ENV: json.dumps({"num_samples": num_samples, "global_batch": cfg.train.global_batch_size,
+                              "max_steps": cfg.train.max_steps}),
+    }
+
+
+class RankBatches:
+    """Iterable over this dp rank's rows of each global batch, one epoch per iteration, in the
+    fixed global order (the same order at every world size)."""
+
+    def __init__(self, name: str = "train"):
+        import ray.train
+
+        self._epoch_batches = ray_epoch_batches(ray.train.get_dataset_shard(name))
+        data = json.loads(os.environ.get(DATA_ENV, "{}"))
+        self.num_samples = data.get("num_samples")
+        self.global_batch = data.get("global_batch")
+        self.last_batch_tokens = 0
+
+    def __len__(self) -> int:
+        return samples_per_epoch(self.num_samples, self.global_batch) // self.global_batch
+
+    def __iter__(self) -> Iterator[dict]:
+        engine = active_engine()
+        if engine is None:
+            raise RuntimeError("call AutoModelForCausalLM.from_pretrained (after "
+                               "enable_advanced_parallelization()) before iterating the dataset shard")
+        if _last_step["time"] is None:
+            _last_step["time"] = time.perf_counter()  # the first step's time starts here
+        for batch in self._epoch_batches(self.global_batch):
+            self.last_batch_tokens = int(batch["num_tokens"].sum())
+            mine = rank_slice(batch, engine.dp_rank, engine.dp_size)
+            yield {k: torch.from_numpy(mine[k]).long() for k in ("input_ids", "labels")}
+
+
+_shards: dict[str, RankBatches] = {}
+_last_step: dict = {"time": None, "step": 0}
+
+
+def get_dataset_shard(name: str = "train") -> RankBatches:
+    """This worker's view of the run's dataset: its dp rank's rows of each global batch."""
+    if name not in _shards:
+        _shards[name] = RankBatches(name)
+    return _shards[name]
+
+
+def log_step(loss: float, step: Optional[int] = None, **extra) -> None:
+    """Record one optimizer step (rank 0 sends it to the driver's progress line and summary)."""
+    import ray
+    import ray.train
+
+    now = time.perf_counter()
+    previous = _last_step["time"]
+    _last_step.update(time=now, step=step if step is not None else _last_step["step"] + 1)
+    ctx = ray.train.get_context()
+    if ctx.get_world_rank() != 0:
+        return
+    shard = _shards.get("train")
+    tokens = shard.last_batch_tokens if shard else 0
+    step_time = max(now - (previous or now), 1e-9)
+    data = json.loads(os.environ.get(DATA_ENV, "{}"))
+    record = {"step": _last_step["step"], "loss": float(loss), "lr": float(extra.pop("lr", 0.0)),
+              "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+              "world_size": ctx.get_world_size(), "max_steps": data.get("max_steps", 0), **extra}
+    if os.environ.get(BOARD_ENV):
+        ray.get_actor(os.environ[BOARD_ENV]).push.remote(record)
