@@ -12,7 +12,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(abspath .cache/torch_extensions)
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-unit test-numerics test-integration bench clean
+.PHONY: setup demo test test-slow test-unit test-numerics test-integration bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests -q
+
+# The slow tier (chaos, resharding across layouts and world sizes, every one-line layout
+# family): minutes each; CI runs it after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest tests -q -m slow
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit -q

@@ -12,6 +12,7 @@ import time
 from raytune_llama.config import Config, ConfigError
 from raytune_llama.trainer import cluster
 from raytune_llama.trainer.run_dir import absolutize, existing_checkpoints, merge_step_history
+from raytune_llama.trainer.progress import start_events, step_records
 from raytune_llama.trainer.run_report import write_run_report
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,12 @@ class LlamaTrainer:
         finally:
             if own_cluster:
                 ray.shutdown()
-        write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, records))
+        write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, step_records(records)))
         return summary
 
-    def _summary(self, records: list[dict], result, info, wall_s: float) -> dict:
+    def _summary(self, all_records: list[dict], result, info, wall_s: float) -> dict:
         cfg = self.config
+        records, starts = step_records(all_records), start_events(all_records)
         last = records[-1] if records else {}
         steady = records[1:] or records  # the first step includes warm-up work
         tput = sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else 0.0
@@ -153,6 +155,9 @@ class LlamaTrainer:
             "dataset_sequences": info.num_samples,
             "checkpoint": checkpoint.path if checkpoint is not None else None,
             "export_path": str(cfg.export_path) if last.get("step") == cfg.train.max_steps else None,
+            "restarts": max(len(starts) - 1, 0),
+            "world_size_history": [e["world_size"] for e in starts],
+            "resumed_at_steps": [e["step"] for e in starts],
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
         }

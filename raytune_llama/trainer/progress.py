@@ -32,7 +32,10 @@ def format_eta(seconds: float) -> str:
 
 
 def format_progress(rec: dict) -> str:
-    """One progress line for a step record."""
+    """One progress line for a step record (or a worker-group start event)."""
+    if rec.get("event") == "start":
+        return (f"[raytune_llama] worker group started at step {rec['step']} "
+                f"on {rec['world_size']} worker(s), layout {rec['layout']}")
     remaining = (rec["max_steps"] - rec["step"]) * rec["step_time_s"]
     return (
         f"step {rec['step']:>5}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -65,10 +68,10 @@ class ProgressPrinter:
         for rec in new:
             self.records.append(rec)
             line = format_progress(rec)
-            if self._tty:
+            if self._tty and "event" not in rec:
                 self.stream.write("\r" + line + "\033[K")
             else:
-                self.stream.write(line + "\n")
+                self.stream.write(("\n" if self._tty else "") + line + "\n")
         self.stream.flush()
 
     def _run(self) -> None:
@@ -92,3 +95,18 @@ class ProgressPrinter:
             self.stream.flush()
         return self.records
 
+
+
+def step_records(records: list[dict]) -> list[dict]:
+    """Step records only, one per step: after a restart the re-run of a step replaces the
+    record from before the failure (that step was never committed)."""
+    by_step = {}
+    for rec in records:
+        if "event" not in rec:
+            by_step[rec["step"]] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def start_events(records: list[dict]) -> list[dict]:
+    """Worker-group start events, in order (one per start and restart)."""
+    return [rec for rec in records if rec.get("event") == "start"]

@@ -65,7 +65,8 @@ def reference(ray_head, tmp_path_factory):
     return tmp, losses
 
 
-@pytest.mark.parametrize("family", list(LAYOUTS))
+@pytest.mark.parametrize("family", [f if f == "planner" else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in LAYOUTS])
 def test_one_line_loop_matches_single_process(reference, family):
     tmp, ref = reference
     summary = _example().main(["--tiny", *_overrides(tmp, f"one-line-{family}", LAYOUTS[family])])
