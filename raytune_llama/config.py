@@ -86,7 +86,10 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     num_workers: int = 2
-    """Ray Train workers (one per device)."""
+    """Ray Train workers (one per device); the most an elastic run uses."""
+    min_workers: Optional[int] = None
+    """Elastic runs: the fewest workers to go on with (None = fixed size). At every size the
+    layout is re-planned, the global batch is kept, and training resumes from the checkpoint."""
     use_gpu: bool = False
     """Give each worker one GPU (ROCm or CUDA); CPU/gloo otherwise."""
     cpus_per_worker: float = 1.0
@@ -124,6 +127,9 @@ class RunConfig:
     """Logical CPUs of a local cluster; default leaves room for the data pipeline."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do before failing the run."""
+    collective_timeout_s: int = 600
+    """A collective that waits longer than this fails (naming the rank) instead of hanging
+    for torch's 30-minute default; the failure then counts against max_failures."""
 
 
 SECTIONS = {

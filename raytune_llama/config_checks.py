@@ -35,13 +35,14 @@ RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
     ("checkpoint", "every_steps", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("checkpoint", "keep_last", lambda v: v >= 1, ">= 1"),
     ("run", "max_failures", lambda v: v >= 0, ">= 0"),
+    ("run", "collective_timeout_s", lambda v: v >= 10, ">= 10 seconds"),
 ]
 
 INT_FIELDS = {
     ("train", "max_steps"), ("train", "global_batch_size"),
     ("train", "warmup_steps"), ("train", "log_every"), ("data", "seq_len"),
     ("data", "tokenize_batch_size"), ("parallel", "num_workers"),
-    ("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("run", "max_failures"),
+    ("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("run", "max_failures"), ("run", "collective_timeout_s"),
 }
 
 
@@ -52,6 +53,11 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
     if check_files:
         problems += _check_model(cfg)
         problems += _check_data(cfg)
+    low, high = cfg.parallel.min_workers, cfg.parallel.num_workers
+    if low is not None and (isinstance(low, bool) or not isinstance(low, int) or low < 1 or
+                            (isinstance(high, int) and low > high)):
+        problems.append(f"parallel.min_workers: {low!r} must be a whole number between 1 and "
+                        f"parallel.num_workers ({high}), or null for a fixed-size run")
     layout = cfg.parallel.layout
     if layout is not None and (not isinstance(layout, str) or "=" not in layout):
         problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\" or null to let the planner choose")

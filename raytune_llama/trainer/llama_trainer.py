@@ -54,11 +54,11 @@ class LlamaTrainer:
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train import DataConfig as RayDataConfig
-        from ray.train.torch import TorchTrainer
+        from ray.train.torch import TorchConfig, TorchTrainer
 
         from raytune_llama.engine.model_io import ensure_model
         from raytune_llama.trainer.data_pipeline import build_packed_dataset
-        from raytune_llama.trainer.planning import make_run_plan
+        from raytune_llama.trainer.planning import admissible_world_sizes, make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
         from raytune_llama.trainer.user_loop import user_loop_env
 
@@ -77,7 +77,19 @@ class LlamaTrainer:
             perf = run_plan.performance()
             print(f"[raytune_llama] layout ({run_plan.source}): {run_plan.plan.describe()} on "
                   f"{cfg.parallel.num_workers} {run_plan.hardware} worker(s)", flush=True)
-            dataset, info = build_packed_dataset(cfg.data, tokenizer_path)
+            workers = p.num_workers
+            if p.min_workers is not None and p.min_workers < p.num_workers:
+                sizes = admissible_world_sizes(cfg, model_path)
+                print(f"[raytune_llama] elastic: {p.min_workers}..{p.num_workers} workers; the global batch "
+                      f"of {cfg.train.global_batch_size} is kept at sizes {sorted(sizes)}", flush=True)
+                if not sizes:
+                    raise ConfigError([f"parallel.min_workers: no world size in {p.min_workers}..{p.num_workers} "
+                                       f"keeps train.global_batch_size={cfg.train.global_batch_size}"])
+                workers = (min(sizes), max(sizes))
+            try:
+                dataset, info = build_packed_dataset(cfg.data, tokenizer_path)
+            except ValueError as exc:  # e.g. an empty dataset, or a column that is not there
+                raise ConfigError([str(exc)]) from exc
             if info.num_samples < cfg.train.global_batch_size:
                 raise ConfigError([
                     f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the "
@@ -102,8 +114,9 @@ class LlamaTrainer:
             trainer = TorchTrainer(
                 train_fn,
                 train_loop_config=loop_config,
+                torch_config=TorchConfig(timeout_s=cfg.run.collective_timeout_s),
                 scaling_config=ScalingConfig(
-                    num_workers=p.num_workers, use_gpu=p.use_gpu,
+                    num_workers=workers, use_gpu=p.use_gpu,
                     resources_per_worker={"CPU": p.cpus_per_worker},
                 ),
                 run_config=RunConfig(

@@ -89,3 +89,27 @@ def make_run_plan(cfg: Config, model_path: str, cluster_resources: Optional[dict
     best = result.best
     return RunPlan(best.plan, hardware, spec.model_flops_per_token(cfg.data.seq_len),
                    best.time.step_time, int(best.memory.total), "planner")
+
+
+def at_world_size(cfg: Config, world: int) -> Config:
+    """cfg for `world` workers: a fixed parallel.layout only holds at its own size, so any
+    other size is planned afresh."""
+    import dataclasses
+
+    if world == cfg.parallel.num_workers:
+        return cfg
+    parallel = dataclasses.replace(cfg.parallel, num_workers=world, layout=None)
+    return dataclasses.replace(cfg, parallel=parallel)
+
+
+def admissible_world_sizes(cfg: Config, model_path: str) -> dict[int, str]:
+    """Elastic range: world size -> layout for every size in [min_workers, num_workers] at
+    which the global batch is kept exactly; sizes without one are left out."""
+    low = cfg.parallel.min_workers or cfg.parallel.num_workers
+    sizes = {}
+    for world in range(low, cfg.parallel.num_workers + 1):
+        try:
+            sizes[world] = make_run_plan(at_world_size(cfg, world), model_path).plan.describe()
+        except ConfigError:
+            continue
+    return sizes

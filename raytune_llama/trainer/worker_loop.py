@@ -26,6 +26,7 @@ from raytune_llama.engine.training_state import gather_full_state
 from raytune_llama.engine.tokenizer_build import load_tokenizer
 from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.trainer.metrics_export import TrainingMetrics
+from raytune_llama.trainer.planning import at_world_size, make_run_plan
 from raytune_llama.trainer.batches import iter_global_batches, rank_slice, ray_epoch_batches
 
 
@@ -108,6 +109,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     plan = ParallelPlan.from_dict(loop_config["plan"])
+    if plan.world_size != world:
+        # Elastic resize: this worker group is another size than the driver planned for.
+        # Re-plan here (same planner, same inputs); the global batch stays the same.
+        new = make_run_plan(at_world_size(cfg, world), loop_config["model_path"]).plan
+        log.warning("re-planned for %d workers: %s -> %s", world, plan.describe(), new.describe())
+        plan = new
     t = cfg.train
     engine = build_engine(
         loop_config["model_path"], plan, device_type=device.type, lr=t.lr, weight_decay=t.weight_decay,

@@ -1,5 +1,6 @@
 """LR schedule, global-batch cursor, checkpoint manifest/integrity, and the DP step's loss."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -66,3 +67,49 @@ def test_checkpoint_round_trip_and_integrity(tmp_path):
     (tmp_path / "MANIFEST.json").unlink()
     with pytest.raises(CheckpointError, match="no manifest"):
         load_training_state(tmp_path)
+
+
+@pytest.mark.parametrize("crash_at", range(5))
+def test_crash_during_save_never_yields_a_partial_checkpoint(tmp_path, monkeypatch, crash_at):
+    """R8: die at each phase of a save (4 files, then the manifest): the resolver skips the
+    half-written checkpoint and returns the previous good one."""
+    import raytune_llama.engine.checkpoint as ckpt
+
+    good, partial = tmp_path / "checkpoint_1", tmp_path / "checkpoint_2"
+    save_training_state(good, model={"w": torch.ones(3)}, optimizer={}, meta={"step": 1})
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if calls["n"] == crash_at:
+            raise KeyboardInterrupt("killed")  # the process dies here
+        calls["n"] += 1
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_state(partial, model={"w": torch.zeros(3)}, optimizer={}, meta={"step": 2})
+    monkeypatch.undo()
+    chosen, refused = ckpt.newest_valid_checkpoint([partial, good])
+    assert chosen == good and len(refused) == 1 and "manifest" in refused[0]
+    assert load_training_state(chosen)["meta"]["step"] == 1
+
+
+def test_resume_policy_is_checked_on_the_driver(tmp_path):
+    """R14: resume=must with nothing saved, and resume=never over saved checkpoints, are
+    errors before anything starts; resume=auto with nothing saved starts fresh."""
+    from raytune_llama.config import ConfigError, load_config
+    from raytune_llama.trainer.llama_trainer import LlamaTrainer
+    from tests.unit.test_config import TINY
+
+    def trainer(resume):
+        return LlamaTrainer(load_config(TINY, [f"run.storage_path={tmp_path}", "run.name=r",
+                                               f"checkpoint.resume={resume}", f"model.name_or_path={tmp_path}/m"]))
+
+    trainer("auto")._check_resume_policy()
+    with pytest.raises(ConfigError, match="'must' but .* has no checkpoint"):
+        trainer("must")._check_resume_policy()
+    (tmp_path / "r" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    trainer("must")._check_resume_policy()
+    with pytest.raises(ConfigError, match="'never' but .* already holds 1 checkpoint"):
+        trainer("never")._check_resume_policy()
