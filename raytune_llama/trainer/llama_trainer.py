@@ -169,8 +169,11 @@ class LlamaTrainer:
             "checkpoint": checkpoint.path if checkpoint is not None else None,
             "export_path": str(cfg.export_path) if last.get("step") == cfg.train.max_steps else None,
             "restarts": max(len(starts) - 1, 0),
+            # steps computed again after a restart (work lost since the last checkpoint)
+            "steps_redone": sum(1 for r in all_records if "event" not in r) - len(records),
             "world_size_history": [e["world_size"] for e in starts],
             "resumed_at_steps": [e["step"] for e in starts],
+            "worker_group_start_times": [e.get("time") for e in starts],
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
         }

@@ -130,7 +130,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     flops_per_token, peak = perf.get("model_flops_per_token"), peak_flops(device)
     exporter = TrainingMetrics(cfg.run.name, perf.get("layout", f"ddp dp={world}")) if rank == 0 else None
     if rank == 0 and board is not None:
-        board.push.remote({"event": "start", "step": step, "world_size": world, "layout": plan.describe()})
+        board.push.remote({"event": "start", "step": step, "world_size": world, "layout": plan.describe(),
+                           "time": time.time()})
     batches = iter_global_batches(
         ray_epoch_batches(ray.train.get_dataset_shard("train")), num_samples=loop_config["num_samples"],
         global_batch=t.global_batch_size, cursor=cursor,

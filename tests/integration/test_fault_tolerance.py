@@ -2,15 +2,11 @@
 the latest checkpoint and the run finishes with exactly the losses of an uninterrupted run
 (R7, R4, R5 by the global cursor); a checkpoint saved by one layout and world size resumes
 in another (R6); a corrupt newest checkpoint is skipped for the previous good one (R9)."""
-import os
-import signal
-import threading
-import time
-
 import numpy as np
 import pytest
 
 from raytune_llama.config import load_config
+from raytune_llama.trainer.chaos import WorkerKiller
 from raytune_llama.trainer.llama_trainer import LlamaTrainer
 from tests.integration.conftest import REPO
 
@@ -33,35 +29,15 @@ def baseline(ray_head, tmp_path_factory):
     return tmp, LlamaTrainer(_cfg(tmp, "baseline", 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"')).fit()
 
 
-def _kill_a_worker_after_checkpoint(address, run_dir, killed: list, timeout_s: float = 240):
-    """SIGKILL one Ray Train worker process as soon as a second checkpoint directory appears
-    (the first one is committed by then; the second may still be uploading)."""
-    from ray.util.state import list_actors
-
-    deadline = time.time() + timeout_s
-    workers = []
-    while time.time() < deadline and len(workers) < 2:  # find the worker processes first (slow API)
-        workers = list_actors(address=address,
-                              filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        time.sleep(0.2)
-    while time.time() < deadline:  # then watch the file system (fast) for the first checkpoint
-        if len(list(run_dir.glob("checkpoint_*"))) >= 2:
-            os.kill(workers[-1].pid, signal.SIGKILL)
-            killed.append(workers[-1].pid)
-            return
-        time.sleep(0.01)
-
-
 def test_sigkilled_worker_restarts_and_loses_nothing(ray_head, baseline):
     tmp, straight = baseline
-    killed: list = []
-    run_dir = tmp / "runs" / "chaos"
-    killer = threading.Thread(target=_kill_a_worker_after_checkpoint, args=(ray_head.gcs_address, run_dir, killed), daemon=True)
+    # Kill once the second checkpoint directory appears: the first is committed by then.
+    killer = WorkerKiller(ray_head.gcs_address, tmp / "runs" / "chaos", kills=1, every=2)
     killer.start()
     summary = LlamaTrainer(_cfg(tmp, "chaos", "run.max_failures=2",
                                 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"')).fit()
-    killer.join(timeout=5)
-    assert killed, "the worker was never killed (no checkpoint appeared in time)"
+    killer.stop()
+    assert killer.killed_pids, "the worker was never killed (no checkpoint appeared in time)"
     assert summary["final_step"] == STEPS and summary["restarts"] == 1, summary
     # Resumed at a committed checkpoint: at most one checkpoint interval (2 steps) of work lost.
     assert summary["resumed_at_steps"][0] == 0 and summary["resumed_at_steps"][1] >= 2

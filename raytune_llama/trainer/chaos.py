@@ -1,0 +1,72 @@
+"""Fault injection for a running training job: SIGKILL Ray Train worker processes at chosen
+moments (after the run has committed checkpoints), to prove that a run survives them. Used
+by the chaos tests and `bench/chaos_report.py`; also usable against a real cluster's job
+from a process on the same node as the workers."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+
+def checkpoint_dirs(run_dir: Path) -> set[str]:
+    """Names of the checkpoint directories in a run directory right now."""
+    return {p.name for p in Path(run_dir).glob("checkpoint_*") if p.is_dir()}
+
+
+def alive_worker_pids(address: str) -> list[int]:
+    """PIDs of the live Ray Train worker actors of the cluster at `address`."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return sorted(a.pid for a in actors)
+
+
+class WorkerKiller(threading.Thread):
+    """Kills one random training worker each time `every` new checkpoints have appeared,
+    `kills` times; `.kill_times` holds when (time.time())."""
+
+    def __init__(self, address: str, run_dir: Path, kills: int = 1, every: int = 2,
+                 seed: int = 0, timeout_s: float = 600):
+        super().__init__(daemon=True, name="raytune-llama-worker-killer")
+        self.address, self.run_dir, self.kills, self.every = address, Path(run_dir), kills, every
+        self.rng = random.Random(seed)
+        self.deadline = time.time() + timeout_s
+        self.kill_times: list[float] = []
+        self.killed_pids: list[int] = []
+        self.stopped = threading.Event()
+
+    def _workers(self) -> list[int]:
+        pids: list[int] = []
+        while not pids and time.time() < self.deadline and not self.stopped.is_set():
+            pids = alive_worker_pids(self.address)
+            time.sleep(0.2)
+        return pids
+
+    def run(self) -> None:
+        """Wait for new checkpoints, kill, repeat."""
+        seen = checkpoint_dirs(self.run_dir)
+        while len(self.kill_times) < self.kills and time.time() < self.deadline and not self.stopped.is_set():
+            pids = self._workers()  # slow API: ask before the moment comes
+            new = 0
+            while new < self.every and time.time() < self.deadline and not self.stopped.is_set():
+                now = checkpoint_dirs(self.run_dir)
+                new, seen_now = new + len(now - seen), now
+                seen = seen_now
+                time.sleep(0.01)
+            if new >= self.every and pids:
+                pid = self.rng.choice(pids)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue  # it ended on its own: try the next checkpoint
+                self.kill_times.append(time.time())
+                self.killed_pids.append(pid)
+                time.sleep(1.0)  # let Ray notice before looking for the new worker group
+
+    def stop(self) -> None:
+        """Stop waiting (the run has ended)."""
+        self.stopped.set()
