@@ -7,6 +7,10 @@ group and stepped round-robin (the box is shared: load spikes then hit every lay
 
     TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python bench/planner_accuracy.py \
         [--steps 8] [--only ddp2,tp2] [--records bench/planner_accuracy_records.json]
+    .venv/bin/python bench/planner_accuracy.py --from-records [--no-share]   # re-fit only, no measuring
+
+The planner sees each rank as a device of 1 core (`cores_per_device: 1`) sharing the host's cores
+(`cores_per_node`: the host's, stored in the records), so 4 ranks on 2 cores run at half speed.
 
 Memory measured = VmHWM - VmRSS at the point just before the model is built (after imports and
 process-group init; VmHWM is reset there through /proc/self/clear_refs), max over ranks. The
@@ -43,6 +47,9 @@ MODEL = dict(model_type="llama", vocab_size=VOCAB, hidden_size=256, intermediate
              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=SEQ, tie_word_embeddings=False)
 CPU_PROFILE = {"runtime_reserved_bytes": 0}  # measured memory excludes the runtime baseline
+# This box's 1-thread fp32 GEMM peak and copy bandwidth as measured with the committed records
+# (bench/cpu_calibrated_host.yaml); used with --from-records when a record does not carry its own.
+RECORDED_HOST = {"peak_flops": 51488017690.999504, "memory_bw": 14247071834.843763, "host_cores": 2}
 
 # name -> (processes, ParallelPlan kwargs); global batch 8 rows x 128 tokens everywhere.
 LAYOUTS: dict[str, tuple[int, dict]] = {
@@ -300,7 +307,8 @@ def evaluate(label: str, recs: list[dict], profile: dict, profile_out: str) -> N
     from raytune_llama.planner.calibrate import calibrate, write_profile
     from raytune_llama.planner.hardware import load_hardware
 
-    calib_in = [{k: v for k, v in r.items() if k not in ("name", "min_step_time_s", "step_times_s")} for r in recs]
+    extra = ("name", "min_step_time_s", "step_times_s", "host_cores", "host_peak_flops", "host_memory_bw")
+    calib_in = [{k: v for k, v in r.items() if k not in extra} for r in recs]
     base = load_hardware("cpu", profile)
     hw_in, report = calibrate(calib_in, hardware="cpu", profile=profile)
     write_profile(hw_in, report, profile_out)
@@ -330,6 +338,8 @@ def evaluate(label: str, recs: list[dict], profile: dict, profile_out: str) -> N
         rho2 = spearman([pr[i][0] for i in two], [mt[i] for i in two])
         print(f"{name:<22} {st:10.1f} {sm:9.1f} {rho:8.3f} {rho2:9.3f} {me:9.1f} {mx:8.1f}")
     print(f"fitted (in-sample): {report['fitted']} -> {profile_out}")
+    for w in report["warnings"]:
+        print(f"  WARNING: {w}")
     print("predicted step-time terms after in-sample calibration (ms):")
     for r in recs:
         terms = predict_terms(hw_in, r)
@@ -345,6 +355,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated layout names")
     ap.add_argument("--records", default=str(ROOT / "bench" / "planner_accuracy_records.json"))
     ap.add_argument("--from-records", action="store_true", help="skip measuring; reuse --records")
+    ap.add_argument("--no-share", action="store_true", help="also evaluate without cores_per_node (ablation)")
     ap.add_argument("--profile-out", default=str(ROOT / "bench" / "cpu_calibrated.yaml"))
     args = ap.parse_args()
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -366,6 +377,7 @@ def main() -> None:
             print(f"{name:<18} {world}p fresh run: step {1e3 * statistics.median(res['times']):7.1f} ms, peak/rank MiB "
                   f"{[round(p / 2**20, 1) for p in res['peaks']]} loss {res['losses'][-1]:.4f} "
                   f"({time.time() - t0:.0f} s)", flush=True)
+        host = host_peaks()
         times = {}
         for world in sorted({LAYOUTS[n][0] for n in mem}):  # time: round-robin, one group per world size
             t0 = time.time()
@@ -376,17 +388,32 @@ def main() -> None:
             world, plan_kw = LAYOUTS[name]
             rec = record(name, world, plan_kw, statistics.median(times[name]), max(mem[name]["peaks"]))
             rec["min_step_time_s"], rec["step_times_s"] = min(times[name]), times[name]
+            rec.update(host_cores=os.cpu_count(), host_peak_flops=host["peak_flops"], host_memory_bw=host["memory_bw"])
             recs.append(rec)
         Path(args.records).write_text(json.dumps(recs, indent=1))
     if len(recs) < 2:
         sys.exit("need at least 2 measured layouts to calibrate")
     print(f"\nmodel: {MODEL['hidden_size']}h x {MODEL['num_hidden_layers']}L, vocab {VOCAB}, seq {SEQ}, global batch "
           f"{GLOBAL_ROWS}; fp32, 1 thread/rank, gloo; step = median of {args.steps} (max over ranks)")
-    evaluate("A: stock cpu profile", recs, dict(CPU_PROFILE), args.profile_out)
-    host = host_peaks()
+    # Ranks run 1 thread each on a host with `host_cores` cores: one device = 1 core
+    # (cores_per_device 1), shared by devices_per_node ranks (hardware.shared_view).
+    host = {"peak_flops": recs[0].get("host_peak_flops"), "memory_bw": recs[0].get("host_memory_bw")}
+    cores = recs[0].get("host_cores")
+    if args.from_records and not host["peak_flops"]:
+        host = {k: RECORDED_HOST[k] for k in ("peak_flops", "memory_bw")}
+        cores = cores or RECORDED_HOST["host_cores"]
+    share = {"cores_per_node": cores or os.cpu_count(), "cores_per_device": 1}
+    from raytune_llama.planner.hardware import load_hardware
+    stock = load_hardware("cpu")
+    per_core = {"peak_flops": stock.peak_flops / stock.cores_per_device, "memory_bw": stock.memory_bw / stock.cores_per_device}
+    evaluate(f"A: stock cpu profile per core (1 of {share['cores_per_node']:.0f} shared cores per rank)", recs,
+             dict(CPU_PROFILE, **share, **per_core), args.profile_out)
     print(f"\nthis host, 1 thread: fp32 GEMM {host['peak_flops'] / 1e9:.0f} GFLOP/s, copy {host['memory_bw'] / 1e9:.1f} GB/s")
-    evaluate("B: cpu profile with this host's 1-thread GEMM peak and copy bandwidth", recs, dict(CPU_PROFILE, **host),
-             args.profile_out.replace(".yaml", "_host.yaml"))
+    evaluate("B: cpu profile with this host's 1-thread GEMM peak and copy bandwidth", recs,
+             dict(CPU_PROFILE, **share, **host), args.profile_out.replace(".yaml", "_host.yaml"))
+    if args.no_share:
+        evaluate("C: as B, but ranks do not share cores (cores_per_node 0: the old model)", recs,
+                 dict(CPU_PROFILE, cores_per_node=0, **host), args.profile_out.replace(".yaml", "_noshare.yaml"))
     print(f"total wall time {time.time() - t_start:.0f} s")
 
 

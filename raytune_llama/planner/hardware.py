@@ -78,6 +78,12 @@ class HardwareSpec:
     """Calibration multiplier on the derived activation bytes."""
     layer_overhead_s: float = 100e-6
     """Kernel-launch/framework time per layer per micro-batch (fwd+bwd); dominates tiny models."""
+    cores_per_node: float = 0.0
+    """CPU cores the devices of one node share (CPU/gloo ranks); 0: each device computes on its own
+    silicon (GPUs), nothing is shared."""
+    cores_per_device: float = 1.0
+    """Cores one device (process) runs on when it has them to itself; peak_flops, memory_bw,
+    collective_latency_s and layer_overhead_s describe a device with that many cores."""
     efficiency: Efficiency = field(default_factory=Efficiency)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,12 +126,42 @@ def _validate(spec: HardwareSpec, source: str) -> None:
     for key in ("peak_flops", "memory_bytes", "memory_bw", "intra_node_bw", "inter_node_bw"):
         if getattr(spec, key) <= 0:
             raise PlanError(f"profile.{key}", getattr(spec, key), "must be positive", source)
+    if spec.cores_per_node < 0 or spec.cores_per_device <= 0:
+        raise PlanError("profile.cores_per_node", (spec.cores_per_node, spec.cores_per_device),
+                        "cores_per_node must be >= 0 and cores_per_device > 0", source)
     if spec.devices_per_node < 1 or spec.devices_per_card < 1:
         raise PlanError("profile.devices_per_node", spec.devices_per_node, "must be >= 1", source)
     e = spec.efficiency
     for key in ("matmul_max", "attention", "memory_bw", "network"):
         if not 0 < getattr(e, key) <= 1.5:
             raise PlanError(f"profile.efficiency.{key}", getattr(e, key), "must be in (0, 1.5]", source)
+
+
+def host_share(hw: HardwareSpec, devices_per_node: int) -> float:
+    """Fraction of its nominal speed one device gets when the node's devices share
+    `cores_per_node` cores (1.0 for GPUs or when the cores suffice)."""
+    if hw.cores_per_node <= 0:
+        return 1.0
+    return min(1.0, hw.cores_per_node / (devices_per_node * hw.cores_per_device))
+
+
+def shared_view(hw: HardwareSpec, devices_per_node: int) -> HardwareSpec:
+    """The spec one device effectively sees on a node whose devices share CPU cores: everything the
+    cores execute (GEMMs, memory traffic, shared-memory copies, collective and per-layer software
+    overhead) runs `1/share` slower, and with no idle core left nothing progresses communication
+    in the background (overlaps 0). GPUs (cores_per_node 0) are returned unchanged."""
+    if hw.cores_per_node <= 0:
+        return hw
+    share = host_share(hw, devices_per_node)
+    eff = hw.efficiency
+    if devices_per_node * hw.cores_per_device >= hw.cores_per_node:
+        eff = replace(eff, dp_overlap=0.0, tp_overlap=0.0, pp_overlap=0.0)
+    if share >= 1.0 and eff is hw.efficiency:
+        return hw
+    return replace(hw, peak_flops=hw.peak_flops * share, memory_bw=hw.memory_bw * share,
+                   intra_node_bw=hw.intra_node_bw * share, intra_card_bw=hw.intra_card_bw * share,
+                   collective_latency_s=hw.collective_latency_s / share,
+                   layer_overhead_s=hw.layer_overhead_s / share, efficiency=eff)
 
 
 def builtin_names() -> list[str]:

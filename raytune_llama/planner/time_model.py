@@ -3,22 +3,44 @@ bandwidth), flash attention, memory-bound elementwise ops, recompute, TP collect
 they actually use (MI250: GCD pair of one card vs across cards), pipeline p2p and bubble,
 DP/ZeRO/FSDP collectives with overlap, optimizer step and CPU offload transfers.
 
+Every collective costs bytes over bandwidth plus a fixed latency per call (`collective_latency_s`
+x hops, hops = max(1, log2 group)); calls are counted per step the way the engine issues them
+(`collective_calls`): per layer per micro-batch for TP/SP, per FSDP unit (each decoder layer +
+the root) for ZeRO/FSDP, per gradient bucket for DDP/DeepSpeed, per micro-batch per stage boundary
+for pipeline p2p. On a CPU node whose processes share cores (`cores_per_node`), every term runs
+on the device's share of the cores (hardware.shared_view).
+
 Mesh order, innermost first: [tp, pp, dp_shard, dp_replicate] (tp inside a node; dp outermost).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from raytune_llama.planner.cluster import ClusterSpec
-from raytune_llama.planner.hardware import HardwareSpec
+from raytune_llama.planner.hardware import HardwareSpec, shared_view
 from raytune_llama.planner.memory_model import stage_layers, stage_params
 from raytune_llama.planner.model_spec import ModelSpec
 from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.planner.workload import Workload
 
 ELEM_H = 72  # 44h norms + 16h rope + 12h residual adds
+DDP_BUCKET_BYTES = 25 * 2**20  # torch DDP bucket_cap_mb
+DS_BUCKET_BYTES = 1e9          # DeepSpeed reduce/allgather bucket (5e8 bf16 elements)
+
+
+def call_latency(hw: HardwareSpec, group: int) -> float:
+    """Fixed seconds of one collective call over `group` ranks (p2p: group 2)."""
+    return hw.collective_latency_s * max(1.0, math.log2(group)) if group > 1 else 0.0
+
+
+def tp_calls_per_layer(sequence_parallel: bool, recompute: str) -> int:
+    """TP collective calls of one decoder layer per micro-batch, forward + backward: TP all-reduces
+    the attention and MLP outputs forward and their input grads backward (4); SP replaces each by an
+    all-gather + reduce-scatter pair (8); full recompute replays the forward's calls."""
+    fwd = 4 if sequence_parallel else 2
+    return 2 * fwd + (fwd if recompute == "full" else 0)
 
 
 def gemm_time(hw: HardwareSpec, m: float, n: float, k: float) -> float:
@@ -43,7 +65,7 @@ class LayerTimes:
 
 @lru_cache(maxsize=4096)
 def layer_times(model: ModelSpec, hw: HardwareSpec, seq_len: int, mbs: int, tp: int, recompute: str,
-                tp_bw: float) -> LayerTimes:
+                tp_bw: float, sequence_parallel: bool = True) -> LayerTimes:
     """Forward, backward, recompute and exposed TP-collective time of one layer per micro-batch."""
     h, kv, inter = model.hidden_size, model.kv_dim, model.intermediate_size
     m = float(seq_len * mbs)  # sequence parallel gathers the full sequence before each matmul
@@ -68,12 +90,13 @@ def layer_times(model: ModelSpec, hw: HardwareSpec, seq_len: int, mbs: int, tp: 
         rec = 0.0
     tp_comm = 0.0
     if tp > 1:
-        # 2 all-reduce-equivalents forward, 2 backward (+2 when the forward is recomputed),
-        # ring cost 2(t-1)/t of an s*b*h bf16 message (SP: all-gather + reduce-scatter, same bytes).
-        n_coll = 4 + (2 if recompute == "full" else 0)
+        # Same bytes either way: 2 all-reduce-equivalents forward, 2 backward (+2 when the forward
+        # is recomputed), ring cost 2(t-1)/t of an s*b*h bf16 message; latency per call.
+        n_ar = 4 + (2 if recompute == "full" else 0)
         msg = 2.0 * m * h
-        per = 2.0 * (tp - 1) / tp * msg / (tp_bw * e.network) + 2 * (tp - 1) * hw.collective_latency_s
-        tp_comm = n_coll * per * (1.0 - e.tp_overlap)
+        bw_t = n_ar * 2.0 * (tp - 1) / tp * msg / (tp_bw * e.network)
+        lat = tp_calls_per_layer(sequence_parallel, recompute) * call_latency(hw, tp)
+        tp_comm = (bw_t + lat) * (1.0 - e.tp_overlap)
     return LayerTimes(fwd, bwd, rec, tp_comm)
 
 
@@ -107,6 +130,8 @@ class TimeBreakdown:
     mfu: float
     hfu: float
     bubble_fraction: float
+    collective_calls: float = 0.0
+    """Collective/p2p calls one device issues per step (all groups)."""
 
     def terms(self) -> dict[str, float]:
         """Additive terms of step_time by name."""
@@ -115,36 +140,60 @@ class TimeBreakdown:
 
 
 def _collective_s(cluster: ClusterSpec, nbytes: float, group: int, span: int, kind: str) -> float:
-    """Ring time per device: all-reduce moves 2(g-1)/g of the buffer, all-gather/reduce-scatter (g-1)/g."""
+    """Ring bandwidth time per device (latency is counted per call in step_time): all-reduce moves
+    2(g-1)/g of the buffer, all-gather/reduce-scatter (g-1)/g."""
     if group <= 1:
         return 0.0
     hw = cluster.hardware
     factor = (2.0 if kind == "ar" else 1.0) * (group - 1) / group
-    bw = group_bandwidth(cluster, span) * hw.efficiency.network
-    return factor * nbytes / bw + 2 * math.log2(group) * hw.collective_latency_s
+    return factor * nbytes / (group_bandwidth(cluster, span) * hw.efficiency.network)
+
+
+def dp_calls(plan: ParallelPlan, nl: int, nbytes: float) -> tuple[float, float]:
+    """Data-parallel collective calls on the dp group as the engine issues them: (per micro-batch,
+    per step). FSDP2 units are each decoder layer + the root; params are resharded after every
+    backward, so ZeRO-1/2 all-gather once per micro-batch and ZeRO-3 twice (root once); ZeRO-2/3
+    reduce-scatter every micro-batch, ZeRO-1 and DDP only on the last one."""
+    units, z = nl + 1, plan.zero_stage
+    if plan.dp <= 1:
+        return 0.0, 0.0
+    if plan.backend == "deepspeed" and z in (1, 2):
+        nb = max(1, math.ceil(nbytes / DS_BUCKET_BYTES))
+        return (nb, nb) if z == 2 else (0.0, 2 * nb)
+    if z == 0:  # DDP buckets, or FSDP2 replicate (one all-reduce per unit) under TP/PP
+        return 0.0, (max(1, math.ceil(nbytes / DDP_BUCKET_BYTES)) if plan.tp == 1 and plan.pp == 1 else units)
+    if z == 1:
+        return units, units
+    return (2 * units, 0.0) if z == 2 else (3 * units - 1, 0.0)
 
 
 def step_time(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan) -> TimeBreakdown:
     """Predicted step time and throughput of one layout."""
+    peak = cluster.hardware.peak_flops
+    cluster = replace(cluster, hardware=shared_view(cluster.hardware, cluster.devices_per_node))
     hw = cluster.hardware
     e = hw.efficiency
     s, b, m = workload.seq_len, plan.micro_batch_size, plan.grad_accum
     p, v, t = plan.pp, plan.virtual_stages, plan.tp
-    lt = layer_times(model, hw, s, b, t, plan.recompute, group_bandwidth(cluster, t))
+    sp = plan.sequence_parallel
+    lt = layer_times(model, hw, s, b, t, plan.recompute, group_bandwidth(cluster, t), sp)
     nl = stage_layers(model, plan)
     tokens_mb = s * b
     # Last stage also runs the lm_head GEMM and the fp32 cross-entropy (memory bound).
     head_f = gemm_time(hw, tokens_mb, model.vocab_size / t, model.hidden_size)
     ce = tokens_mb * model.vocab_size / t * 10.0 * 2 / (hw.memory_bw * e.memory_bw)
-    head = 3.0 * head_f + ce
+    head = 3.0 * head_f + ce + hw.layer_overhead_s  # embedding + head dispatch counts as one layer
     comp_mb = nl * (lt.fwd + lt.bwd) + head
     rec_mb = nl * lt.recompute
-    tp_mb = nl * lt.tp_comm
+    # Embedding (fwd all-reduce / SP reduce-scatter) and lm_head (input gather, logits gather,
+    # input-grad reduction) add 3 TP calls per micro-batch, 4 with SP.
+    tp_head_calls = (4 if sp else 3) if t > 1 else 0
+    tp_mb = nl * lt.tp_comm + tp_head_calls * call_latency(hw, t) * (1.0 - e.tp_overlap)
     p2p_mb = 0.0
     if p > 1:
         msg = 2.0 * tokens_mb * model.hidden_size / t
         bw = group_bandwidth(cluster, t * p) * e.network
-        p2p_mb = 2 * v * (msg / bw + hw.collective_latency_s) * (1.0 - e.pp_overlap)
+        p2p_mb = 2 * v * (msg / bw + call_latency(hw, 2)) * (1.0 - e.pp_overlap)
     t_mb = comp_mb + rec_mb + tp_mb + p2p_mb
     bubble = (p - 1) / v * t_mb if p > 1 else 0.0
 
@@ -171,11 +220,24 @@ def step_time(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: 
         per_mb = 3 * _collective_s(cluster, nbytes, d, span_shard, "ag")
         per_step = 0.0
         window = m * fb_mb
-    if z >= 1 and r > 1:
-        per_step += _collective_s(cluster, nbytes / d, r, span_all, "ar")  # HSDP replica all-reduce
+    calls_mb, calls_step = dp_calls(plan, nl, nbytes)
+    g_dp = r if z == 0 else d
+    per_mb += calls_mb * call_latency(hw, g_dp)
+    per_step += calls_step * call_latency(hw, g_dp)
+    if z >= 1 and r > 1:  # HSDP replica all-reduce, one per unit
+        per_step += _collective_s(cluster, nbytes / d, r, span_all, "ar") + (nl + 1) * call_latency(hw, r)
     dp_total = per_step + m * per_mb
     # At least one layer's bucket waits for the last backward; the rest hides behind compute.
     dp_exposed = max(dp_total - e.dp_overlap * window, dp_total / max(nl, 1)) if dp_total > 0 else 0.0
+    # Engine bookkeeping, not overlapped: token count + loss all-reduce over dp, loss and grad
+    # norm over pp.
+    sync_calls = (2 if plan.dp > 1 else 0, 2 if p > 1 else 0)
+    sync = sync_calls[0] * call_latency(hw, plan.dp) + sync_calls[1] * call_latency(hw, p)
+    dp_exposed += sync
+    dp_total += sync
+    n_calls = (m * ((nl * tp_calls_per_layer(sp, plan.recompute) + tp_head_calls if t > 1 else 0)
+                    + (2 * v if p > 1 else 0) + calls_mb) + calls_step + sum(sync_calls)
+               + ((nl + 1) if z >= 1 and r > 1 else 0))
 
     shard = psi / (d if z >= 1 else 1)
     opt_bytes = 28.0 if workload.optimizer == "adamw" else 14.0
@@ -190,10 +252,10 @@ def step_time(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: 
     tokens = workload.global_batch * s
     world = cluster.world_size
     model_flops = model.model_flops_per_token(s) * tokens
-    mfu = model_flops / (total * world * hw.peak_flops)
+    mfu = model_flops / (total * world * peak)
     hfu = mfu * (4.0 / 3.0 if plan.recompute == "full" else 1.0)
     return TimeBreakdown(
         compute=m * comp_mb, recompute=m * rec_mb, tp_comm=m * tp_mb, pp_p2p=m * p2p_mb, bubble=bubble,
         dp_comm_exposed=dp_exposed, dp_comm_total=dp_total, optimizer=optimizer, offload=offload,
         step_time=total, tokens_per_s=tokens / total, tokens_per_s_per_device=tokens / total / world,
-        mfu=mfu, hfu=hfu, bubble_fraction=bubble / pipe if pipe else 0.0)
+        mfu=mfu, hfu=hfu, bubble_fraction=bubble / pipe if pipe else 0.0, collective_calls=n_calls)

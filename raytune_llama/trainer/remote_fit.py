@@ -61,8 +61,8 @@ def _fit_on_cluster(cfg: Config) -> dict:
 
 def fit_remote(cfg: Config, address: Optional[str] = None) -> dict:
     """Validate cfg here, run `LlamaTrainer(cfg).fit()` in a Ray task on the cluster and
-    return its summary. Connects to `address` (or cfg.run.address / RAY_ADDRESS) when Ray is
-    not initialised yet; raises ConfigError for an invalid config or relative paths (the
+    return its summary. Connects to `address` (or cfg.run.address / RAY_ADDRESS; a ray://
+    address starts a Ray client session) when Ray is not initialised yet; raises ConfigError for an invalid config or relative paths (the
     files themselves are checked on the cluster, where the client may not see them)."""
     import ray
 
@@ -71,7 +71,13 @@ def fit_remote(cfg: Config, address: Optional[str] = None) -> dict:
     if problems:
         raise ConfigError(problems)
     if not ray.is_initialized():
-        ray.init(address=address or cfg.run.address or os.environ.get("RAY_ADDRESS"))
+        address = address or cfg.run.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ConfigError([
+                "run.address: fit_remote needs a running cluster; call ray.init('ray://HEAD:10001') "
+                "first, pass address=..., or use LlamaTrainer(cfg).fit() for a local run"
+            ])
+        ray.init(address=address)
     # The task is the run's driver: it must not take a CPU from the training workers or the
     # data tasks (a job's driver does not either). run.address is dropped: the task is
     # already connected to the cluster it runs on.

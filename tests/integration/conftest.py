@@ -33,6 +33,13 @@ class RayHead:
     temp_dir: str
     metrics_port: int = 0
     """The head's --metrics-export-port: Prometheus text at http://127.0.0.1:PORT/metrics."""
+    client_port: int = 0
+    """The head's --ray-client-server-port: Ray client sessions connect to ray://127.0.0.1:PORT."""
+
+    @property
+    def client_address(self) -> str:
+        """ray://127.0.0.1:PORT, for `ray.init(...)` from a Ray client session."""
+        return f"ray://127.0.0.1:{self.client_port}"
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +52,12 @@ def ray_head():
     env = {**os.environ, **auth, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_USAGE_STATS_ENABLED": "0",
            # as from an activated virtualenv: jobs find the `raytune-llama` console script
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    gcs_port, dash_port, metrics_port = free_port(), free_port(), free_port()
+    gcs_port, dash_port, metrics_port, client_port = free_port(), free_port(), free_port(), free_port()
     cmd = [
         RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=2",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={free_port()}",
         f"--metrics-export-port={metrics_port}", "--block",
     ]
     # --block keeps the head's processes under this one process group, so teardown stops this
@@ -66,7 +73,8 @@ def ray_head():
     # have imported it already, so re-read the environment (as Ray's own _enable_token_auth does).
     Config.initialize("")
 
-    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, temp_dir, metrics_port)
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env, temp_dir, metrics_port,
+                   client_port)
     try:
         _wait_for_dashboard(head, proc)
         ray.init(address=head.gcs_address, log_to_driver=False)

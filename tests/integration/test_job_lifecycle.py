@@ -1,0 +1,103 @@
+"""A finetune job's life on the session's head node (token auth on), with the commands a user
+types: `ray job submit --no-wait`, `ray job logs`, `ray job stop` once a checkpoint exists
+(the job ends STOPPED), then the same command submitted again resumes from that checkpoint
+and runs to the end (SUCCEEDED, summary.json says the last step)."""
+import json
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests.integration.conftest import RAY, REPO
+
+pytestmark = pytest.mark.integration
+
+# Steps of 25-100 ms (seq 64, 4 sequences; more when the 2 cores are busy) with a checkpoint
+# (~0.2 s) every 10: 5-20 s of training in all, split over the two jobs. The stopped job still
+# has most of its steps ahead when its first checkpoint appears, so `ray job stop` (a CLI that
+# takes 2-3 s to start) lands mid-run; the test says so if it ever does not.
+MAX_STEPS = 200
+STEP_LINE = re.compile(rf"^step +(\d+)/{MAX_STEPS} \| loss [0-9.]+", re.M)
+
+
+def small_corpus(tmp_path, lines: int = 300):
+    src = (REPO / "examples" / "data" / "tiny_corpus.jsonl").read_text().splitlines(keepends=True)
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(src[:lines]))
+    return path
+
+
+def ray_job(ray_head, command, *args, timeout=120):
+    """`ray job COMMAND --address DASHBOARD ARGS...` with the head's token in the environment."""
+    return subprocess.run([RAY, "job", command, "--address", ray_head.dashboard_url, *args],
+                          env=ray_head.env, capture_output=True, text=True, timeout=timeout)
+
+
+def latest_checkpoint_step(run_dir):
+    """Step of the checkpoint Ray Train resumes from (its checkpoint manager snapshot)."""
+    snap = run_dir / "checkpoint_manager_snapshot.json"
+    if not snap.is_file():
+        return None
+    try:
+        latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+    except json.JSONDecodeError:  # being rewritten right now
+        return None
+    if not latest or not (run_dir / latest["checkpoint_dir_name"]).is_dir():
+        return None
+    return latest["metrics"]["step"]
+
+
+def test_stop_then_resubmit_resumes(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_head.dashboard_url)
+    run_dir = tmp_path / "runs" / "lifecycle"
+    finetune = [
+        "raytune-llama", "finetune", "examples/configs/tiny_cpu.yaml",
+        "--set", f"train.max_steps={MAX_STEPS}", "--set", "checkpoint.every_steps=10",
+        "--set", "data.seq_len=64", "--set", "train.global_batch_size=4",
+        "--set", f"data.path={small_corpus(tmp_path)}",
+        "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=lifecycle",
+        "--set", f"model.name_or_path={tmp_path}/models/tiny-llama",
+    ]
+    first, second = (f"lifecycle-{uuid.uuid4().hex[:8]}-{i}" for i in (1, 2))
+
+    def submit(job_id):
+        res = ray_job(ray_head, "submit", "--working-dir", str(REPO), "--submission-id", job_id,
+                      "--no-wait", "--", *finetune, timeout=180)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    # 1. Submit and wait (bounded) for the first checkpoint in the run directory.
+    submit(first)
+    deadline = time.time() + 240
+    while latest_checkpoint_step(run_dir) is None:
+        status = jobs.get_job_status(first)
+        assert status in (JobStatus.PENDING, JobStatus.RUNNING), (
+            f"job {first} is {status} before its first checkpoint:\n{jobs.get_job_logs(first)[-4000:]}")
+        assert time.time() < deadline, f"no checkpoint after 240 s:\n{jobs.get_job_logs(first)[-4000:]}"
+        time.sleep(0.2)
+
+    # 2. Stop it mid-run: `ray job stop` waits until the job has exited.
+    stop = ray_job(ray_head, "stop", first, timeout=120)
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    assert jobs.get_job_status(first) == JobStatus.STOPPED, jobs.get_job_logs(first)[-4000:]
+    resume_from = latest_checkpoint_step(run_dir)
+    assert resume_from is not None and resume_from < MAX_STEPS
+    logs1 = ray_job(ray_head, "logs", first).stdout
+    steps1 = [int(s) for s in STEP_LINE.findall(logs1)]
+    assert steps1 and steps1[0] == 1, logs1[-4000:]  # (the last lines printed may trail the checkpoint)
+    assert not (run_dir / "summary.json").exists(), "the stopped job finished its run"
+
+    # 3. The same command again: resumes after the checkpoint and runs to the end.
+    submit(second)
+    follow = ray_job(ray_head, "logs", "--follow", second, timeout=300)
+    logs2 = follow.stdout
+    assert jobs.get_job_status(second) == JobStatus.SUCCEEDED, logs2[-4000:]
+    steps2 = [int(s) for s in STEP_LINE.findall(logs2)]
+    assert steps2 and steps2[0] == resume_from + 1 and steps2[-1] == MAX_STEPS, (resume_from, logs2[-4000:])
+    assert f"run lifecycle: steps {resume_from + 1}..{MAX_STEPS} of {MAX_STEPS}" in logs2, logs2[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_step"] == MAX_STEPS
+    assert (run_dir / "export" / "model.safetensors").is_file()
