@@ -100,7 +100,7 @@ class LlamaTrainer:
                   f"tokens from {cfg.data.path}", flush=True)
             board_name = f"raytune_llama_progress_{cfg.run.name}_{int(started * 1000)}"
             board = ProgressBoard.options(name=board_name).remote()
-            printer = ProgressPrinter(board).start()
+            printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(recs, info, started, perf)).start()
             env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
             if user_args is None:
                 loop_config = {
@@ -142,6 +142,12 @@ class LlamaTrainer:
                 ray.shutdown()
         write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, step_records(records)))
         return summary
+
+    def _report_now(self, all_records: list[dict], info, started: float, perf: dict) -> None:
+        """summary.json + loss.png as of a checkpoint (the final report overwrites them)."""
+        summary = self._summary(all_records, None, info, time.time() - started)
+        summary["layout"] = perf["layout"]
+        write_run_report(self.config.run_dir, summary, merge_step_history(self.config.run_dir, step_records(all_records)))
 
     def _summary(self, all_records: list[dict], result, info, wall_s: float) -> dict:
         cfg = self.config

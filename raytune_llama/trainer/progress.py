@@ -3,10 +3,13 @@ driver thread prints a line (step, loss, tokens/s, ETA) as records arrive."""
 from __future__ import annotations
 
 import sys
+import logging
 import threading
 from typing import Optional
 
 import ray
+
+log = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -47,8 +50,9 @@ def format_progress(rec: dict) -> str:
 class ProgressPrinter:
     """Polls a ProgressBoard from a daemon thread and prints each new step."""
 
-    def __init__(self, board, interval_s: float = 0.5, stream=None):
+    def __init__(self, board, interval_s: float = 0.5, stream=None, on_checkpoint=None):
         self.board = board
+        self.on_checkpoint = on_checkpoint  # called with all records when a step checkpointed
         self.interval_s = interval_s
         self.stream = stream or sys.stdout
         self.records: list[dict] = []
@@ -68,6 +72,11 @@ class ProgressPrinter:
         for rec in new:
             self.records.append(rec)
             line = format_progress(rec)
+            if rec.get("checkpoint") and self.on_checkpoint is not None:
+                try:
+                    self.on_checkpoint(list(self.records))
+                except Exception as exc:  # a report must never stop the progress line
+                    log.warning("run report at step %s failed: %s", rec.get("step"), exc)
             if self._tty and "event" not in rec:
                 self.stream.write("\r" + line + "\033[K")
             else:

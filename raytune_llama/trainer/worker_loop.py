@@ -160,11 +160,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "peak_memory_bytes": peak_memory_bytes(device),
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}  # Ray metrics need values
+        due = step == stop_at or bool(ck.every_steps and step % ck.every_steps == 0)
         if rank == 0:
             exporter.record(metrics)
             if board is not None:
-                board.push.remote(metrics)
-        due = step == stop_at or (ck.every_steps and step % ck.every_steps == 0)
+                board.push.remote({**metrics, "checkpoint": due})
         if due or step % t.log_every == 0:
             meta = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "world_size": world}
             _report(metrics, rank, bool(due), engine, meta)
