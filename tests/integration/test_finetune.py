@@ -72,3 +72,15 @@ def test_run_report_spans_the_resume(straight_run):
     assert summary["layout"].startswith("dp_replicate=2") and summary["mean_mfu"] > 0
     assert summary["predicted_step_time_s"] > 0
     assert (run_dir / "loss.png").stat().st_size > 10_000
+
+
+def test_training_metrics_reach_the_prometheus_endpoint(ray_head, straight_run):
+    """The real run's per-step metrics (rank 0, ray.util.metrics) are on the head's endpoint."""
+    from raytune_llama.trainer.metrics_export import prometheus_name
+    from tests.integration.test_metrics import scrape_run
+
+    wanted = {prometheus_name(k) for k in ("loss", "tokens_per_s", "mfu", "step_time_s", "world_size")}
+    found = scrape_run(ray_head.metrics_port, "straight", wanted, timeout_s=60)
+    assert wanted <= set(found), sorted(found)
+    assert 0 < found[prometheus_name("loss")] < 7 and found[prometheus_name("tokens_per_s")] > 100
+    assert 0 < found[prometheus_name("mfu")] < 1 and found[prometheus_name("world_size")] == 2
