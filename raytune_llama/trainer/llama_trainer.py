@@ -187,6 +187,10 @@ class LlamaTrainer:
 
 def format_summary(summary: dict) -> str:
     """Short human summary printed at the end of `finetune`."""
+    if not summary["steps"]:
+        at = (summary.get("resumed_at_steps") or [None])[-1]
+        return (f"run {summary['run_name']}: nothing to do, the checkpoint is already at step {at} of "
+                f"{summary['max_steps']} (raise train.max_steps, or use a new run.name for a fresh run)")
     lines = [
         f"run {summary['run_name']}: steps {summary['steps'][0] if summary['steps'] else '-'}"
         f"..{summary['final_step']} of {summary['max_steps']} in {summary['wall_time_s']:.1f} s",
