@@ -1,5 +1,7 @@
 """End to end on the shared local Ray head: a 2-worker fit whose loss goes down, a stop and
 resume that continues at the right step with the same losses, and the exported model."""
+import threading
+
 import numpy as np
 import pytest
 
@@ -21,11 +23,31 @@ def _cfg(tmp, name, *extra):
     ])
 
 
+class MetricsScraper(threading.Thread):
+    """Scrapes the head's Prometheus endpoint while a run is going (gauges of a finished
+    worker process disappear from the endpoint) and keeps the last values of the run's series."""
+
+    def __init__(self, port: int, run: str):
+        super().__init__(daemon=True)
+        self.port, self.run_name, self.found, self.done = port, run, {}, threading.Event()
+
+    def run(self) -> None:
+        from tests.integration.test_metrics import scrape_run
+
+        while not self.done.is_set():
+            self.found.update(scrape_run(self.port, self.run_name, set(), timeout_s=1))
+            self.done.wait(1.0)
+
+
 @pytest.fixture(scope="module")
 def straight_run(ray_head, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fit")
+    scraper = MetricsScraper(ray_head.metrics_port, "straight")
+    scraper.start()
     summary = LlamaTrainer(_cfg(tmp, "straight")).fit()
-    return tmp, summary
+    scraper.done.set()
+    scraper.join(timeout=30)
+    return tmp, dict(summary, scraped_metrics=scraper.found)
 
 
 def test_two_worker_fit_loss_goes_down(straight_run):
@@ -74,13 +96,13 @@ def test_run_report_spans_the_resume(straight_run):
     assert (run_dir / "loss.png").stat().st_size > 10_000
 
 
-def test_training_metrics_reach_the_prometheus_endpoint(ray_head, straight_run):
-    """The real run's per-step metrics (rank 0, ray.util.metrics) are on the head's endpoint."""
+def test_training_metrics_reach_the_prometheus_endpoint(straight_run):
+    """The real run's per-step metrics (rank 0, ray.util.metrics) were on the head's endpoint
+    while it trained."""
     from raytune_llama.trainer.metrics_export import prometheus_name
-    from tests.integration.test_metrics import scrape_run
 
     wanted = {prometheus_name(k) for k in ("loss", "tokens_per_s", "mfu", "step_time_s", "world_size")}
-    found = scrape_run(ray_head.metrics_port, "straight", wanted, timeout_s=60)
+    found = straight_run[1]["scraped_metrics"]
     assert wanted <= set(found), sorted(found)
     assert 0 < found[prometheus_name("loss")] < 7 and found[prometheus_name("tokens_per_s")] > 100
     assert 0 < found[prometheus_name("mfu")] < 1 and found[prometheus_name("world_size")] == 2

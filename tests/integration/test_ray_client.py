@@ -36,6 +36,11 @@ def test_ray_client_session_plans_and_fits(ray_head, tmp_path):
     # with the head's token. cwd elsewhere: the example must not depend on the repo being the cwd.
     res = subprocess.run(cmd, env=ray_head.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = res.stdout + res.stderr
+    if res.returncode != 0 and "Starting Ray client server failed" in out:
+        # Ray's proxier starts one server process per client session; on a 2-core machine under
+        # load that start can time out inside Ray. One more connection attempt, then it counts.
+        res = subprocess.run(cmd, env=ray_head.env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        out = res.stdout + res.stderr
     assert res.returncode == 0, out[-4000:]
     assert "client mode: True" in out, out[-4000:]
     # The plan, computed in the client.
