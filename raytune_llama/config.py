@@ -111,6 +111,9 @@ class CheckpointConfig:
     """Checkpoints kept by Ray Train."""
     resume: str = "auto"
     """auto (resume if this run has a checkpoint) | never | must (error if none)."""
+    format: str = "full"
+    """full (rank 0 writes the gathered whole model: small models) | sharded (every rank writes
+    only its own shards with torch.distributed.checkpoint; needed for 70B; torch backend only)."""
 
 
 @dataclass

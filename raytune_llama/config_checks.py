@@ -16,6 +16,7 @@ ENUMS = {
     ("parallel", "hardware"): ("auto", "cpu", "mi250", "mi250x", "mi300x", "h100", "h200", "a100-80gb"),
     ("parallel", "mixed_precision"): ("auto", "bf16", "none"),
     ("checkpoint", "resume"): ("auto", "never", "must"),
+    ("checkpoint", "format"): ("full", "sharded"),
 }
 
 # (section, key, predicate, requirement text)
@@ -61,6 +62,10 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
     layout = cfg.parallel.layout
     if layout is not None and (not isinstance(layout, str) or "=" not in layout):
         problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\" or null to let the planner choose")
+    if (getattr(cfg.checkpoint, "format", "full") == "sharded" and isinstance(layout, str)
+            and "backend=deepspeed" in layout.replace(" ", "")):
+        problems.append("checkpoint.format: 'sharded' (torch.distributed.checkpoint) needs backend=torch; "
+                        "the layout asks for backend=deepspeed, so use checkpoint.format=full")
     if not str(cfg.run.name).strip() or "/" in str(cfg.run.name):
         problems.append(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
     return problems

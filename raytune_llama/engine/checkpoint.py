@@ -1,7 +1,16 @@
 """Training-state checkpoints on local disk: files first, then a MANIFEST.json (sizes and
 SHA-256 of every file) written by temp file + fsync + rename. A directory without a valid
 manifest is never loaded, and a file that does not match its manifest entry is named in
-the error."""
+the error.
+
+Two formats, told apart by the top-level manifest's "format" key:
+- full: rank 0 writes model.pt / optimizer.pt / rng.pt / meta.json (the gathered whole model).
+- sharded: every rank writes only its own shards with torch.distributed.checkpoint (DCP) plus
+  MANIFEST.rank{r}.json (sizes + SHA-256 of that rank's files); rank 0 also writes meta.json and
+  rng.pt, then MANIFEST.json last, naming every expected rank manifest and its SHA-256. Each
+  rank writes into its own local directory; Ray Train merges them into one checkpoint_* folder
+  (every rank passes its directory to ray.train.report). A checkpoint missing any rank's
+  manifest or any listed file, or with a file that does not match, is refused."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +24,11 @@ import torch
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
+SHARDED_FORMAT_VERSION = 2
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"MANIFEST.rank{rank}.json"
 
 
 class CheckpointError(RuntimeError):
@@ -63,24 +77,57 @@ def save_training_state(directory: str | os.PathLike, *, model: dict, optimizer:
     return d
 
 
-def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Check every file against the manifest; return the manifest or raise CheckpointError."""
-    d = Path(directory)
-    manifest_path = d / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{manifest_path}: no manifest; the checkpoint is incomplete")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from exc
-    for name, entry in manifest["files"].items():
+def _file_entries(d: Path, names) -> dict:
+    return {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in names}
+
+
+def _check_files(d: Path, files: dict, manifest_path: Path) -> None:
+    for name, entry in files.items():
         path = d / name
         if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the manifest but missing")
+            raise CheckpointError(f"{path}: listed in {manifest_path.name} but missing")
         if path.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, manifest says {entry['bytes']} (truncated?)")
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {manifest_path.name} says "
+                                  f"{entry['bytes']} (truncated?)")
         if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"{path}: SHA-256 does not match the manifest (corrupted)")
+            raise CheckpointError(f"{path}: SHA-256 does not match {manifest_path.name} (corrupted)")
+
+
+def _read_manifest(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no {what}; the checkpoint is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: unreadable {what} ({exc})") from exc
+
+
+def checkpoint_format(directory: str | os.PathLike) -> str:
+    """'full' or 'sharded', from the top-level manifest (raises CheckpointError without one)."""
+    return _read_manifest(Path(directory) / MANIFEST, "manifest").get("format", "full")
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> dict:
+    """Check every file against the manifest(s); return the top-level manifest or raise
+    CheckpointError. A sharded checkpoint also needs every rank manifest it names, each
+    matching its recorded SHA-256, and every file those list."""
+    d = Path(directory)
+    manifest_path = d / MANIFEST
+    manifest = _read_manifest(manifest_path, "manifest")
+    _check_files(d, manifest.get("files", {}), manifest_path)
+    if manifest.get("format", "full") == "sharded":
+        ranks = manifest.get("rank_manifests")
+        if not ranks or len(ranks) != manifest.get("world_size"):
+            raise CheckpointError(f"{manifest_path}: sharded manifest names {len(ranks or {})} rank manifests "
+                                  f"for world size {manifest.get('world_size')}")
+        for name, entry in ranks.items():
+            path = d / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: rank manifest named in {MANIFEST} is missing "
+                                      "(that rank's shards were not persisted)")
+            if _sha256(path) != entry["sha256"]:
+                raise CheckpointError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted)")
+            _check_files(d, _read_manifest(path, "rank manifest")["files"], path)
     return manifest
 
 
@@ -109,3 +156,58 @@ def load_training_state(directory: str | os.PathLike) -> dict:
     rng = torch.load(d / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     return state
+
+
+def save_sharded_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict | None,
+                                meta: dict, rank: int, world_size: int) -> Path:
+    """Collective (every rank calls it with its own local directory): DCP-save this rank's
+    shards of {"model", "optimizer"} (from engine.get_state(full=False)), then this rank's
+    manifest; rank 0 also writes rng.pt + meta.json and, last, MANIFEST.json naming every rank
+    manifest with its SHA-256 (gathered from the ranks). No rank holds more than its shards."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
+    dcp.save(state, checkpoint_id=str(d))
+    if rank == 0:
+        _torch_save_atomic({"torch": torch.get_rng_state()}, d / "rng.pt")
+        _write_json_atomic(d / "meta.json", meta)
+    own = sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("MANIFEST")
+                 and not p.name.endswith(".tmp"))
+    mine = rank_manifest_name(rank)
+    _write_json_atomic(d / mine, {"format_version": SHARDED_FORMAT_VERSION, "rank": rank,
+                                  "files": _file_entries(d, own)})
+    entry = (mine, {"sha256": _sha256(d / mine)})
+    if dist.is_initialized() and world_size > 1:
+        entries = [None] * world_size if rank == 0 else None
+        dist.gather_object(entry, entries, dst=0)
+    else:
+        entries = [entry]
+    if rank == 0:
+        _write_json_atomic(d / MANIFEST, {
+            "format_version": SHARDED_FORMAT_VERSION, "format": "sharded", "world_size": world_size,
+            "has_optimizer": optimizer is not None, "files": {}, "rank_manifests": dict(entries),
+        })
+    return d
+
+
+def load_sharded_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict | None) -> dict:
+    """Verify, then DCP-load into this rank's (new layout's) state dicts in place, restore the
+    torch RNG from rng.pt; returns {'model', 'optimizer', 'meta'}. DCP reshards across world
+    sizes and layouts (keys are HF FQNs)."""
+    import torch.distributed.checkpoint as dcp
+
+    d = Path(directory)
+    manifest = verify_checkpoint(d)
+    if manifest.get("format") != "sharded":
+        raise CheckpointError(f"{d}: not a sharded checkpoint")
+    state = {"model": model}
+    if optimizer is not None and manifest.get("has_optimizer", True):
+        state["optimizer"] = optimizer
+    dcp.load(state, checkpoint_id=str(d))
+    rng = torch.load(d / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    return {"model": state["model"], "optimizer": state.get("optimizer"),
+            "meta": json.loads((d / "meta.json").read_text())}

@@ -15,8 +15,11 @@ import transformers
 from raytune_llama.config import config_from_dict
 from raytune_llama.engine.checkpoint import (
     CheckpointError,
+    checkpoint_format,
+    load_sharded_training_state,
     load_training_state,
     newest_valid_checkpoint,
+    save_sharded_training_state,
     save_training_state,
 )
 from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
@@ -55,11 +58,22 @@ def _restore(engine) -> dict:
             log.warning("skipping checkpoint: %s", reason)
         if chosen is None:
             raise CheckpointError(f"no valid checkpoint among {[str(p) for p in (latest, *older)]}: {refused}")
+        if checkpoint_format(chosen) == "sharded":
+            if engine.plan.backend == "deepspeed":
+                raise ValueError(f"{chosen} is a sharded (checkpoint.format=sharded) checkpoint; backend "
+                                 "'deepspeed' cannot load it: resume with backend=torch")
+            model_state, optim_state = engine.get_state(full=False)  # this rank's shards, new layout
+            state = load_sharded_training_state(chosen, model=model_state, optimizer=optim_state)
+            engine.set_state(state["model"], state["optimizer"], full=False)
+            return _note_world_size(state["meta"], engine)
         state = load_training_state(chosen)
     if state["optimizer"] is None and engine.plan.backend == "deepspeed":
         log.warning("DeepSpeed: optimizer moments restart from zero (only weights are in the checkpoint)")
     engine.set_state(state["model"], state["optimizer"], full=True)
-    meta = state["meta"]
+    return _note_world_size(state["meta"], engine)
+
+
+def _note_world_size(meta: dict, engine) -> dict:
     if meta.get("world_size") not in (None, ctx_world_size()):
         log.warning("resuming a checkpoint saved at world size %s on %s workers (layout %s)",
                     meta.get("world_size"), ctx_world_size(), engine.plan.describe())
@@ -71,10 +85,24 @@ def ctx_world_size() -> int:
     return ray.train.get_context().get_world_size()
 
 
-def _report(metrics: dict, rank: int, with_checkpoint: bool, engine, meta: dict) -> None:
-    """ray.train.report on every rank; rank 0 attaches the checkpoint when one is due."""
+def _report(metrics: dict, rank: int, with_checkpoint: bool, engine, meta: dict, fmt: str = "full") -> None:
+    """ray.train.report on every rank. format full: rank 0 attaches the gathered checkpoint;
+    format sharded: every rank attaches its own DCP shards + rank manifest (Ray Train copies
+    each rank's directory into the same checkpoint_* folder, named by rank 0)."""
     if not with_checkpoint:
         ray.train.report(metrics)
+        return
+    if fmt == "sharded":
+        tmp = tempfile.mkdtemp(prefix=f"raytune_llama_ckpt_r{rank}_")
+        try:
+            model_state, optim_state = engine.get_state(full=False)  # this rank's shards only
+            save_sharded_training_state(tmp, model=model_state, optimizer=optim_state,
+                                        meta={**meta, "format": "sharded", "plan": engine.plan.to_dict()},
+                                        rank=rank, world_size=ctx_world_size())
+            del model_state, optim_state
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     tmp = None
     try:
@@ -115,6 +143,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         new = make_run_plan(at_world_size(cfg, world), loop_config["model_path"]).plan
         log.warning("re-planned for %d workers: %s -> %s", world, plan.describe(), new.describe())
         plan = new
+    if cfg.checkpoint.format == "sharded" and plan.backend == "deepspeed":
+        raise ValueError(f"checkpoint.format='sharded' needs backend=torch (the layout is {plan.describe()}); "
+                         "DeepSpeed keeps its own checkpoint format: use checkpoint.format=full")
     t = cfg.train
     engine = build_engine(
         loop_config["model_path"], plan, device_type=device.type, lr=t.lr, weight_decay=t.weight_decay,
@@ -167,8 +198,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 board.push.remote({**metrics, "checkpoint": due})
         if due or step % t.log_every == 0:
             meta = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "world_size": world}
-            _report(metrics, rank, bool(due), engine, meta)
+            _report(metrics, rank, bool(due), engine, meta, ck.format)
     if step >= t.max_steps:
+        # The export gathers the whole model (a full copy per rank, also with
+        # checkpoint.format=sharded): fine for small models, a limit for 70B.
         model_state, _ = gather_full_state(engine)  # collective: every rank joins
         if rank == 0:
             export_model(hf_model_with(loop_config["model_path"], model_state),

@@ -74,3 +74,42 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(baseline):
     resumed = LlamaTrainer(_cfg(tmp, "corrupt", layout)).fit()
     assert resumed["steps"][0] == 5  # step 6's checkpoint was refused; step 4's was used
     np.testing.assert_allclose(resumed["losses"], straight["losses"][4:], rtol=1e-5)
+
+
+SHARDED = "checkpoint.format=sharded"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, first, second", [
+    ("sharded-fsdp2-to-1", ('parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"',),
+     ("parallel.num_workers=1", 'parallel.layout="dp_replicate=1,micro_batch_size=4"')),
+    ("sharded-fsdp-to-tp", ('parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"',),
+     ('parallel.layout="tp=2,micro_batch_size=4"',)),
+])
+def test_sharded_checkpoint_resumes_in_another_layout(baseline, name, first, second):
+    """checkpoint.format=sharded: every rank writes only its own DCP shards (+ its manifest)
+    into the same checkpoint_* folder; DCP reshards on load into the new layout/world size."""
+    tmp, straight = baseline
+    a = LlamaTrainer(_cfg(tmp, name, "train.stop_after_steps=4", SHARDED, *first)).fit()
+    newest = sorted(p for p in (tmp / "runs" / name).glob("checkpoint_*") if p.is_dir())[-1]
+    names = {p.name for p in newest.iterdir()}
+    # Both ranks' files were merged by Ray Train into one directory; no whole-model file.
+    assert {"MANIFEST.json", "MANIFEST.rank0.json", "MANIFEST.rank1.json", "meta.json", ".metadata"} <= names, names
+    assert "model.pt" not in names and sum(n.endswith(".distcp") for n in names) == 2, names
+    b = LlamaTrainer(_cfg(tmp, name, SHARDED, *second)).fit()
+    assert b["steps"] == list(range(5, STEPS + 1)) and b["world_size_history"] == [b["world_size"]]
+    np.testing.assert_allclose(a["losses"] + b["losses"], straight["losses"], rtol=1e-5)
+    assert b["tokens_seen"] == straight["tokens_seen"]
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_missing_rank_file_falls_back(baseline):
+    """A sharded checkpoint whose rank-1 shard is gone is refused; the one before is used."""
+    tmp, straight = baseline
+    layout = 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"'
+    LlamaTrainer(_cfg(tmp, "sharded-corrupt", "train.stop_after_steps=6", SHARDED, layout)).fit()
+    checkpoints = sorted(p for p in (tmp / "runs" / "sharded-corrupt").glob("checkpoint_*") if p.is_dir())
+    next(checkpoints[-1].glob("__1_*.distcp")).unlink()
+    resumed = LlamaTrainer(_cfg(tmp, "sharded-corrupt", SHARDED, layout)).fit()
+    assert resumed["steps"][0] == 5  # step 6's checkpoint was refused; step 4's was used
+    np.testing.assert_allclose(resumed["losses"], straight["losses"][4:], rtol=1e-5)

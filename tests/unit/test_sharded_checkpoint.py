@@ -1,0 +1,142 @@
+"""checkpoint.format=sharded on disk: every rank's DCP shards + MANIFEST.rank{r}.json merged into
+one directory (as Ray Train does), MANIFEST.json from rank 0 last; a missing or corrupt rank
+file is refused and newest_valid_checkpoint falls back to the previous good checkpoint."""
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raytune_llama.engine.checkpoint import (
+    CheckpointError,
+    checkpoint_format,
+    load_sharded_training_state,
+    newest_valid_checkpoint,
+    save_sharded_training_state,
+    save_training_state,
+    verify_checkpoint,
+)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _state(rank: int, scale: float):
+    # Disjoint keys per rank (like pipeline stages): each rank's shard file holds its own.
+    return ({f"layer{rank}.weight": torch.full((4, 3), scale + rank)},
+            {"state": {f"layer{rank}.weight": {"step": torch.tensor(3.0), "exp_avg": torch.full((4, 3), -scale)}},
+             "param_groups": [{"lr": 0.1, "params": [f"layer{rank}.weight"]}]})
+
+
+def _save_worker(rank, world, port, root, scale):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, optim = _state(rank, scale)
+        save_sharded_training_state(os.path.join(root, f"rank{rank}"), model=model, optimizer=optim,
+                                    meta={"step": int(scale), "cursor": 8, "tokens_seen": 100, "world_size": world},
+                                    rank=rank, world_size=world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded_checkpoint(tmp_path, name, scale, world=2):
+    """Save on `world` gloo ranks into per-rank dirs, then merge them like Ray Train's upload."""
+    root = tmp_path / f"{name}_local"
+    mp.spawn(_save_worker, args=(world, _port(), str(root), scale), nprocs=world, join=True)
+    merged = tmp_path / name
+    merged.mkdir()
+    for r in range(world):
+        shutil.copytree(root / f"rank{r}", merged, dirs_exist_ok=True)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sharded")
+    return tmp, _sharded_checkpoint(tmp, "checkpoint_000", 1.0), _sharded_checkpoint(tmp, "checkpoint_001", 2.0)
+
+
+def _fresh(tmp, ckpt):
+    d = tmp / f"copy_{ckpt.name}_{len(list(tmp.iterdir()))}"
+    shutil.copytree(ckpt, d)
+    return d
+
+
+def test_sharded_layout_and_manifest(two):
+    _, old, _ = two
+    names = {p.name for p in old.iterdir()}
+    assert {"MANIFEST.json", "MANIFEST.rank0.json", "MANIFEST.rank1.json", "meta.json", "rng.pt",
+            ".metadata"} <= names
+    assert not any(n.endswith(".tmp") for n in names)
+    top = verify_checkpoint(old)
+    assert top["format"] == "sharded" and top["world_size"] == 2 and checkpoint_format(old) == "sharded"
+    assert set(top["rank_manifests"]) == {"MANIFEST.rank0.json", "MANIFEST.rank1.json"}
+    rank1 = json.loads((old / "MANIFEST.rank1.json").read_text())["files"]
+    assert any(n.startswith("__1_") and n.endswith(".distcp") for n in rank1)
+    assert "meta.json" not in rank1  # rank 0 only
+
+
+def test_sharded_load_reshards_onto_one_process(two):
+    _, _, new = two
+    model = {"layer0.weight": torch.zeros(4, 3), "layer1.weight": torch.zeros(4, 3)}
+    optim = {"state": {k: {"step": torch.tensor(0.0), "exp_avg": torch.zeros(4, 3)} for k in model},
+             "param_groups": [{"lr": 0.0, "params": list(model)}]}
+    state = load_sharded_training_state(new, model=model, optimizer=optim)
+    assert torch.equal(state["model"]["layer0.weight"], torch.full((4, 3), 2.0))
+    assert torch.equal(state["model"]["layer1.weight"], torch.full((4, 3), 3.0))
+    assert torch.equal(state["optimizer"]["state"]["layer1.weight"]["exp_avg"], torch.full((4, 3), -2.0))
+    assert state["optimizer"]["state"]["layer0.weight"]["step"].item() == 3.0
+    assert state["meta"]["step"] == 2
+
+
+@pytest.mark.parametrize("damage", ["missing_rank_manifest", "missing_shard", "corrupt_shard",
+                                    "corrupt_rank_manifest", "no_top_manifest"])
+def test_damaged_sharded_checkpoint_is_refused_and_falls_back(two, damage):
+    tmp, old, new = two
+    older, newer = _fresh(tmp, old), _fresh(tmp, new)
+    shard = next(newer.glob("__1_*.distcp"))
+    if damage == "missing_rank_manifest":
+        (newer / "MANIFEST.rank1.json").unlink()
+    elif damage == "missing_shard":
+        shard.unlink()
+    elif damage == "corrupt_shard":
+        blob = bytearray(shard.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        shard.write_bytes(bytes(blob))
+    elif damage == "corrupt_rank_manifest":
+        m = json.loads((newer / "MANIFEST.rank1.json").read_text())
+        m["files"].pop(shard.name)
+        (newer / "MANIFEST.rank1.json").write_text(json.dumps(m))
+    else:
+        (newer / "MANIFEST.json").unlink()
+    with pytest.raises(CheckpointError):
+        verify_checkpoint(newer)
+    chosen, refused = newest_valid_checkpoint([newer, older])
+    assert chosen == older and len(refused) == 1
+
+
+def test_full_format_still_verifies(tmp_path):
+    save_training_state(tmp_path, model={"w": torch.ones(2)}, optimizer={"state": {}}, meta={"step": 1})
+    assert checkpoint_format(tmp_path) == "full" and "rank_manifests" not in verify_checkpoint(tmp_path)
+
+
+def test_config_format_field_and_deepspeed_check():
+    from raytune_llama.config import Config
+    from raytune_llama.config_checks import collect_problems
+
+    cfg = Config()
+    assert cfg.checkpoint.format == "full"
+    cfg.checkpoint.format = "bogus"
+    assert any(p.startswith("checkpoint.format") for p in collect_problems(cfg, check_files=False))
+    cfg.checkpoint.format = "sharded"
+    cfg.parallel.layout = "dp_shard=2,zero_stage=3,backend=deepspeed"
+    problems = collect_problems(cfg, check_files=False)
+    assert any("checkpoint.format" in p and "full" in p for p in problems), problems
