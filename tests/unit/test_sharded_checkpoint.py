@@ -50,7 +50,16 @@ def _save_worker(rank, world, port, root, scale):
 def _sharded_checkpoint(tmp_path, name, scale, world=2):
     """Save on `world` gloo ranks into per-rank dirs, then merge them like Ray Train's upload."""
     root = tmp_path / f"{name}_local"
-    mp.spawn(_save_worker, args=(world, _port(), str(root), scale), nprocs=world, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(_save_worker, args=(world, _port(), str(root), scale), nprocs=world, join=True)
+            break
+        except mp.ProcessExitedException:
+            # The free port picked above can be taken by another process before gloo binds it
+            # (seen on the shared CI box as a rendezvous abort): start over on a new port.
+            if attempt == 2:
+                raise
+            shutil.rmtree(root, ignore_errors=True)
     merged = tmp_path / name
     merged.mkdir()
     for r in range(world):
