@@ -59,6 +59,9 @@ def ray_head():
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
         f"--ray-client-server-port={client_port}", f"--dashboard-agent-listen-port={free_port()}",
         f"--metrics-export-port={metrics_port}", "--block",
+        # Export application metrics every second (Ray's default is 10 s): a short test run's
+        # gauges must reach the endpoint while its workers are alive.
+        '--system-config={"metrics_report_interval_ms": 1000}',
     ]
     # --block keeps the head's processes under this one process group, so teardown stops this
     # head only (`ray stop` would stop every Ray cluster on the machine).
