@@ -49,7 +49,9 @@ def corrupt_run(tmp: Path, steps: int) -> dict:
     """Stop halfway, flip a byte in the newest checkpoint, resume."""
     first = LlamaTrainer(config(tmp, "corrupt", steps, f"train.stop_after_steps={steps // 2}")).fit()
     newest = sorted(checkpoint_dirs(tmp / "runs" / "corrupt"))[-1]
-    path = tmp / "runs" / "corrupt" / newest / "model.pt"
+    # the largest data file: model.pt (full format) or a rank's .distcp shard (sharded)
+    path = max((p for p in (tmp / "runs" / "corrupt" / newest).iterdir()
+                if p.is_file() and not p.name.startswith("MANIFEST")), key=lambda p: p.stat().st_size)
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     path.write_bytes(bytes(blob))

@@ -90,6 +90,10 @@ class ParallelConfig:
     min_workers: Optional[int] = None
     """Elastic runs: the fewest workers to go on with (None = fixed size). At every size the
     layout is re-planned, the global batch is kept, and training resumes from the checkpoint."""
+    resize_check_s: float = 60.0
+    """Elastic runs: while training, how often Ray Train looks for room to grow back towards
+    num_workers (ScalingConfig.elastic_resize_monitor_interval_s); a grow restarts the worker
+    group from the latest checkpoint, so it costs up to one checkpoint interval of steps."""
     use_gpu: bool = False
     """Give each worker one GPU (ROCm or CUDA); CPU/gloo otherwise."""
     cpus_per_worker: float = 1.0
@@ -111,9 +115,15 @@ class CheckpointConfig:
     """Checkpoints kept by Ray Train."""
     resume: str = "auto"
     """auto (resume if this run has a checkpoint) | never | must (error if none)."""
-    format: str = "full"
-    """full (rank 0 writes the gathered whole model: small models) | sharded (every rank writes
-    only its own shards with torch.distributed.checkpoint; needed for 70B; torch backend only)."""
+    format: str = "auto"
+    """auto (sharded when the layout shards the model: FSDP/ZeRO, TP or PP on the torch
+    backend; else full) | full (rank 0 writes the gathered whole model: small models) |
+    sharded (every rank writes only its own shards with torch.distributed.checkpoint; needed
+    for 70B). Either format resumes in any layout, world size and backend."""
+    async_save: bool = False
+    """Sharded format: copy the shards to host memory at the checkpoint step and write them
+    in the background during the next step; the checkpoint is reported (and becomes the one
+    a restart resumes from) once written. The last step always saves synchronously."""
 
 
 @dataclass
@@ -132,7 +142,14 @@ class RunConfig:
     """Worker-group restarts Ray Train may do before failing the run."""
     collective_timeout_s: int = 600
     """A collective that waits longer than this fails (naming the rank) instead of hanging
-    for torch's 30-minute default; the failure then counts against max_failures."""
+    for torch's 30-minute default; the failure then counts against max_failures. Also the
+    bound of each worker group's first training step."""
+    step_timeout_s: Optional[float] = None
+    """Bound of every later training step: a rank whose step runs longer logs its rank, step
+    and stack and ends its process, and the worker group restarts from the latest checkpoint
+    (counted against max_failures). None tightens automatically after the first step to 10x
+    the slowest step seen, at least 120 s. Never above collective_timeout_s; the step after
+    a checkpoint keeps collective_timeout_s (it waits for rank 0's upload)."""
 
 
 SECTIONS = {

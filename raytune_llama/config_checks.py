@@ -16,7 +16,7 @@ ENUMS = {
     ("parallel", "hardware"): ("auto", "cpu", "mi250", "mi250x", "mi300x", "h100", "h200", "a100-80gb"),
     ("parallel", "mixed_precision"): ("auto", "bf16", "none"),
     ("checkpoint", "resume"): ("auto", "never", "must"),
-    ("checkpoint", "format"): ("full", "sharded"),
+    ("checkpoint", "format"): ("auto", "full", "sharded"),
 }
 
 # (section, key, predicate, requirement text)
@@ -33,6 +33,7 @@ RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
     ("data", "tokenize_batch_size", lambda v: v >= 1, ">= 1"),
     ("parallel", "num_workers", lambda v: v >= 1, ">= 1"),
     ("parallel", "cpus_per_worker", lambda v: v > 0, "> 0"),
+    ("parallel", "resize_check_s", lambda v: v >= 0, ">= 0 seconds"),
     ("checkpoint", "every_steps", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("checkpoint", "keep_last", lambda v: v >= 1, ">= 1"),
     ("run", "max_failures", lambda v: v >= 0, ">= 0"),
@@ -62,10 +63,12 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
     layout = cfg.parallel.layout
     if layout is not None and (not isinstance(layout, str) or "=" not in layout):
         problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\" or null to let the planner choose")
-    if (getattr(cfg.checkpoint, "format", "full") == "sharded" and isinstance(layout, str)
-            and "backend=deepspeed" in layout.replace(" ", "")):
-        problems.append("checkpoint.format: 'sharded' (torch.distributed.checkpoint) needs backend=torch; "
-                        "the layout asks for backend=deepspeed, so use checkpoint.format=full")
+    async_save = cfg.checkpoint.async_save
+    if not isinstance(async_save, bool):
+        problems.append(f"checkpoint.async_save: {async_save!r} must be true or false")
+    elif async_save and cfg.checkpoint.format == "full":
+        problems.append("checkpoint.async_save: true needs checkpoint.format sharded (or auto with a sharded "
+                        "layout); format 'full' gathers the model to rank 0 and saves synchronously")
     if not str(cfg.run.name).strip() or "/" in str(cfg.run.name):
         problems.append(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
     return problems
@@ -88,10 +91,24 @@ def _check_types_and_ranges(cfg: "Config") -> list[str]:
     stop = cfg.train.stop_after_steps
     if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < 1):
         problems.append(f"train.stop_after_steps: {stop!r} must be a whole number >= 1, or null to run to max_steps")
+    problems += _check_step_timeout(cfg)
     betas = cfg.train.betas
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         problems.append(f"train.betas: {betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     return problems
+
+
+def _check_step_timeout(cfg: "Config") -> list[str]:
+    value, first = cfg.run.step_timeout_s, cfg.run.collective_timeout_s
+    if value is None:
+        return []
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1:
+        return [f"run.step_timeout_s: {value!r} must be a number of seconds >= 1, or null to tighten "
+                f"the step bound automatically after the first step"]
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and value > first:
+        return [f"run.step_timeout_s: {value!r} must be <= run.collective_timeout_s ({first!r}), the bound "
+                f"of the first step that later steps only tighten; lower it or raise run.collective_timeout_s"]
+    return []
 
 
 def looks_like_hub_id(name: str) -> bool:

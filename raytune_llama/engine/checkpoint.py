@@ -24,7 +24,7 @@ import torch
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
-SHARDED_FORMAT_VERSION = 2
+SHARDED_FORMAT_VERSION = 3  # 3: optimizer state flattened per parameter
 
 
 def rank_manifest_name(rank: int) -> str:
@@ -144,10 +144,12 @@ def newest_valid_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[s
     return None, refused
 
 
-def load_training_state(directory: str | os.PathLike) -> dict:
-    """Verify, then load {'model', 'optimizer', 'meta'} and restore the torch RNG."""
+def load_training_state(directory: str | os.PathLike, verify: bool = True) -> dict:
+    """Verify (unless already verified), then load {'model', 'optimizer', 'meta'} and
+    restore the torch RNG."""
     d = Path(directory)
-    verify_checkpoint(d)
+    if verify:
+        verify_checkpoint(d)
     state = {
         "model": torch.load(d / "model.pt", map_location="cpu", weights_only=True),
         "optimizer": torch.load(d / "optimizer.pt", map_location="cpu", weights_only=True),
@@ -161,18 +163,28 @@ def load_training_state(directory: str | os.PathLike) -> dict:
 def save_sharded_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict | None,
                                 meta: dict, rank: int, world_size: int) -> Path:
     """Collective (every rank calls it with its own local directory): DCP-save this rank's
-    shards of {"model", "optimizer"} (from engine.get_state(full=False)), then this rank's
-    manifest; rank 0 also writes rng.pt + meta.json and, last, MANIFEST.json naming every rank
-    manifest with its SHA-256 (gathered from the ranks). No rank holds more than its shards."""
-    import torch.distributed as dist
+    shards of {"model", "optimizer"} (from engine.get_state(full=False)), then
+    finish_sharded_checkpoint. No rank holds more than its shards."""
     import torch.distributed.checkpoint as dcp
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
     dcp.save(state, checkpoint_id=str(d))
+    return finish_sharded_checkpoint(d, meta=meta, rng_state=torch.get_rng_state(), rank=rank,
+                                     world_size=world_size, has_optimizer=optimizer is not None)
+
+
+def finish_sharded_checkpoint(directory: str | os.PathLike, *, meta: dict, rng_state: torch.Tensor, rank: int,
+                              world_size: int, has_optimizer: bool) -> Path:
+    """Collective, after this rank's DCP files are complete: rank 0 writes rng.pt + meta.json;
+    every rank writes MANIFEST.rank{r}.json (sizes + SHA-256 of its files); rank 0 writes
+    MANIFEST.json last, naming every rank manifest with its SHA-256 (gathered from the ranks)."""
+    import torch.distributed as dist
+
+    d = Path(directory)
     if rank == 0:
-        _torch_save_atomic({"torch": torch.get_rng_state()}, d / "rng.pt")
+        _torch_save_atomic({"torch": rng_state}, d / "rng.pt")
         _write_json_atomic(d / "meta.json", meta)
     own = sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("MANIFEST")
                  and not p.name.endswith(".tmp"))
@@ -188,21 +200,25 @@ def save_sharded_training_state(directory: str | os.PathLike, *, model: dict, op
     if rank == 0:
         _write_json_atomic(d / MANIFEST, {
             "format_version": SHARDED_FORMAT_VERSION, "format": "sharded", "world_size": world_size,
-            "has_optimizer": optimizer is not None, "files": {}, "rank_manifests": dict(entries),
+            "has_optimizer": has_optimizer, "files": {}, "rank_manifests": dict(entries),
         })
     return d
 
 
-def load_sharded_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict | None) -> dict:
-    """Verify, then DCP-load into this rank's (new layout's) state dicts in place, restore the
-    torch RNG from rng.pt; returns {'model', 'optimizer', 'meta'}. DCP reshards across world
-    sizes and layouts (keys are HF FQNs)."""
+def load_sharded_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict | None,
+                                verify: bool = True) -> dict:
+    """Verify (unless already verified), then DCP-load into this rank's (new layout's) state
+    dicts in place, restore the torch RNG from rng.pt; returns {'model', 'optimizer', 'meta'}.
+    DCP reshards across world sizes and layouts (keys are HF FQNs)."""
     import torch.distributed.checkpoint as dcp
 
     d = Path(directory)
-    manifest = verify_checkpoint(d)
+    manifest = verify_checkpoint(d) if verify else _read_manifest(d / MANIFEST, "manifest")
     if manifest.get("format") != "sharded":
         raise CheckpointError(f"{d}: not a sharded checkpoint")
+    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise CheckpointError(f"{d}: sharded format version {manifest.get('format_version')}, this version "
+                              f"reads {SHARDED_FORMAT_VERSION}; resume it with the release that wrote it")
     state = {"model": model}
     if optimizer is not None and manifest.get("has_optimizer", True):
         state["optimizer"] = optimizer

@@ -1,7 +1,8 @@
 """Fault injection for a running training job: SIGKILL Ray Train worker processes at chosen
-moments (after the run has committed checkpoints), to prove that a run survives them. Used
-by the chaos tests and `bench/chaos_report.py`; also usable against a real cluster's job
-from a process on the same node as the workers."""
+moments (after the run has committed checkpoints), or make one rank stall inside a step
+(RAYTUNE_LLAMA_STALL), to prove that a run survives them. Used by the chaos tests and
+`bench/chaos_report.py`; the killer also works against a real cluster's job from a process
+on the same node as the workers."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import random
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -70,3 +72,60 @@ class WorkerKiller(threading.Thread):
     def stop(self) -> None:
         """Stop waiting (the run has ended)."""
         self.stopped.set()
+
+
+STALL_ENV = "RAYTUNE_LLAMA_STALL"
+"""Stall injection, e.g. RAYTUNE_LLAMA_STALL="rank=1,step=4,seconds=600": that rank sleeps
+inside that step (numbered as the progress lines number it) the first time the run gets
+there, as a rank stuck in a collective would. Set on the driver; the driver forwards it to
+the workers (`forwarded_env`). A marker file in the run directory keeps the restarted worker
+group from stalling again."""
+
+
+@dataclass(frozen=True)
+class StallSpec:
+    rank: int
+    step: int
+    seconds: float
+
+
+def parse_stall(text: str) -> StallSpec:
+    """'rank=1,step=4,seconds=600' -> StallSpec; a ValueError names what is wrong."""
+    example = f'{STALL_ENV}="rank=1,step=4,seconds=600"'
+    try:
+        fields = dict(part.split("=", 1) for part in text.replace(" ", "").split(",") if part)
+        spec = StallSpec(int(fields.pop("rank")), int(fields.pop("step")), float(fields.pop("seconds")))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{STALL_ENV}={text!r}: expected rank, step and seconds, e.g. {example} ({exc})") from None
+    if fields or spec.rank < 0 or spec.step < 1 or spec.seconds <= 0:
+        raise ValueError(f"{STALL_ENV}={text!r}: rank >= 0, step >= 1 and seconds > 0 only, e.g. {example}")
+    return spec
+
+
+def forwarded_env() -> dict[str, str]:
+    """Fault-injection variables of the driver's environment, for the workers' runtime env
+    (worker processes do not inherit the driver's environment); checked here so that a
+    malformed value fails on the driver."""
+    text = os.environ.get(STALL_ENV)
+    if not text:
+        return {}
+    parse_stall(text)
+    return {STALL_ENV: text}
+
+
+def stall_if_injected(rank: int, step: int, run_dir) -> None:
+    """Sleep here if RAYTUNE_LLAMA_STALL asks this rank to stall in this step and the run
+    has not stalled there before (the marker file is created first, atomically)."""
+    text = os.environ.get(STALL_ENV)
+    if not text:
+        return
+    spec = parse_stall(text)
+    if (spec.rank, spec.step) != (rank, step):
+        return
+    marker = Path(run_dir) / f".stall-injected-rank{rank}-step{step}"
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # stalled here in an earlier attempt: the restarted group goes on
+    time.sleep(spec.seconds)

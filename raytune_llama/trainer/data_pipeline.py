@@ -19,6 +19,10 @@ class DatasetInfo:
 
     num_samples: int
     seq_len: int
+    docs_skipped: int = 0
+    """Source rows that were not usable text (empty, missing, not a string)."""
+    has_doc_ids: bool = False
+    """Rows carry the ids of the documents starting in them (data.id_column)."""
 
 
 @lru_cache(maxsize=4)
@@ -33,12 +37,18 @@ def _tokenizer(path: str, eos_token_id: int, pad_token_id: int):
 
 
 def tokenize_pack_batch(batch, *, tokenizer_path: str, eos_token_id: int, pad_token_id: int,
-                        text_column: str, seq_len: int):
+                        text_column: str, seq_len: int, id_column: str | None = None):
     """map_batches function: one batch of documents → packed rows (numpy dict)."""
+    import logging
+
     from raytune_llama.engine.packing import tokenize_and_pack
 
     tokenizer = _tokenizer(tokenizer_path, eos_token_id, pad_token_id)
-    packed, _skipped = tokenize_and_pack(tokenizer, batch[text_column], seq_len)
+    ids = list(batch[id_column]) if id_column else None
+    packed, skipped = tokenize_and_pack(tokenizer, batch[text_column], seq_len, doc_ids=ids)
+    if skipped and not len(packed["num_tokens"]):
+        # No row to carry the count on: say so here (the total in the run summary misses these).
+        logging.getLogger(__name__).warning("a batch of %d rows had no usable text; all skipped", skipped)
     return packed
 
 
@@ -57,7 +67,7 @@ def read_source(cfg: DataConfig):
         ds = _from_hf(cfg)
     else:
         raise ValueError(f"data.format: cannot read {cfg.path!r} as {fmt!r}; set data.format to jsonl, parquet or hf")
-    return ds.select_columns([cfg.text_column])
+    return ds.select_columns([cfg.text_column] + ([cfg.id_column] if cfg.id_column else []))
 
 
 def _from_hf(cfg: DataConfig):
@@ -76,7 +86,7 @@ def _from_hf(cfg: DataConfig):
         # The same Arrow conversion ray.data.from_huggingface falls back to for a local
         # dataset, minus its Hub probe, which reloads the data by builder name ("json",
         # "parquet") from the current directory and can take minutes offline.
-        table = hf.select_columns([cfg.text_column]).with_format("arrow")[:]
+        table = hf.select_columns([c for c in (cfg.text_column, cfg.id_column) if c]).with_format("arrow")[:]
         blocks = max(1, min(64, table.num_rows // max(cfg.tokenize_batch_size, 1)))
         return ray.data.from_arrow(table, override_num_blocks=blocks)
     return ray.data.from_huggingface(hf)  # streaming IterableDataset
@@ -95,13 +105,17 @@ def build_packed_dataset(cfg: DataConfig, tokenizer_path: str):
     ds = read_source(cfg).map_batches(
         tokenize_pack_batch,
         fn_kwargs={"tokenizer_path": tokenizer_path, "eos_token_id": tok.eos_token_id,
-                   "pad_token_id": tok.pad_token_id, "text_column": cfg.text_column, "seq_len": cfg.seq_len},
+                   "pad_token_id": tok.pad_token_id, "text_column": cfg.text_column, "seq_len": cfg.seq_len,
+                   "id_column": cfg.id_column},
         batch_size=cfg.tokenize_batch_size,
         batch_format="numpy",
     ).materialize()
     num_samples = ds.count()
     if num_samples == 0:
-        raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset?)")
+        raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset, or no "
+                         f"row with text in column {cfg.text_column!r})")
     # Token totals are counted by the workers as they train: an aggregate over the whole
-    # dataset here would cost a second pass before the first step.
-    return ds, DatasetInfo(num_samples, cfg.seq_len)
+    # dataset here would cost a second pass before the first step. The skipped-row count is
+    # one small column of the materialized blocks.
+    skipped = int(ds.sum("docs_skipped") or 0)
+    return ds, DatasetInfo(num_samples, cfg.seq_len, skipped, bool(cfg.id_column))

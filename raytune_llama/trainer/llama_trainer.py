@@ -10,9 +10,10 @@ import logging
 import time
 
 from raytune_llama.config import Config, ConfigError
-from raytune_llama.trainer import cluster
+from raytune_llama.trainer import chaos, cluster
+from raytune_llama.trainer.data_audit import audit
 from raytune_llama.trainer.run_dir import absolutize, existing_checkpoints, merge_step_history
-from raytune_llama.trainer.progress import start_events, step_records
+from raytune_llama.trainer.progress import stall_events, start_events, step_records
 from raytune_llama.trainer.run_report import write_run_report
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,14 @@ class LlamaTrainer:
                     f"lower it, shorten data.seq_len, or add data"
                 ])
             print(f"[raytune_llama] data: {info.num_samples:,} packed sequences of {info.seq_len} "
-                  f"tokens from {cfg.data.path}", flush=True)
+                  f"tokens from {cfg.data.path}"
+                  + (f"; skipped {info.docs_skipped:,} rows without usable text (empty, missing or not a "
+                     f"string in column {cfg.data.text_column!r})" if info.docs_skipped else ""), flush=True)
             board_name = f"raytune_llama_progress_{cfg.run.name}_{int(started * 1000)}"
             board = ProgressBoard.options(name=board_name).remote()
             printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(recs, info, started, perf)).start()
             env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
+            env.update(chaos.forwarded_env())  # fault injection (RAYTUNE_LLAMA_STALL) set on the driver
             if user_args is None:
                 loop_config = {
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
@@ -118,6 +122,7 @@ class LlamaTrainer:
                 scaling_config=ScalingConfig(
                     num_workers=workers, use_gpu=p.use_gpu,
                     resources_per_worker={"CPU": p.cpus_per_worker},
+                    elastic_resize_monitor_interval_s=p.resize_check_s,
                 ),
                 run_config=RunConfig(
                     name=cfg.run.name, storage_path=cfg.run.storage_path,
@@ -172,6 +177,9 @@ class LlamaTrainer:
             "world_size": last.get("world_size"),
             "wall_time_s": wall_s,
             "dataset_sequences": info.num_samples,
+            "docs_skipped": info.docs_skipped,
+            # data.id_column: the document ids of the committed steps, in training order
+            "data_audit": audit(all_records),
             "checkpoint": checkpoint.path if checkpoint is not None else None,
             "export_path": str(cfg.export_path) if last.get("step") == cfg.train.max_steps else None,
             "restarts": max(len(starts) - 1, 0),
@@ -180,6 +188,9 @@ class LlamaTrainer:
             "world_size_history": [e["world_size"] for e in starts],
             "resumed_at_steps": [e["step"] for e in starts],
             "worker_group_start_times": [e.get("time") for e in starts],
+            # ranks whose step ran past its bound (run.step_timeout_s), each ending its worker group
+            "stalls": [{k: e.get(k) for k in ("rank", "step", "waited_s", "bound_s", "where", "time")}
+                       for e in stall_events(all_records)],
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
         }
@@ -201,4 +212,7 @@ def format_summary(summary: dict) -> str:
     ]
     if summary.get("export_path"):
         lines.append(f"  exported model {summary['export_path']}")
+    for stall in summary.get("stalls") or []:
+        lines.append(f"  rank {stall['rank']} stalled in step {stall['step']} (bound {stall['bound_s']:.1f} s); "
+                     f"the worker group was ended for a restart")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ class ProgressBoard:
         self.records: list[dict] = []
 
     def push(self, record: dict) -> None:
-        """Append one step record."""
+        """Append one step record (or event: start, stall)."""
         self.records.append(record)
 
     def since(self, index: int) -> list[dict]:
@@ -34,11 +34,18 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def format_progress(rec: dict) -> str:
-    """One progress line for a step record (or a worker-group start event)."""
+def format_progress(rec: dict) -> str | None:
+    """One progress line for a step record (or a worker-group start or stall event)."""
     if rec.get("event") == "start":
         return (f"[raytune_llama] worker group started at step {rec['step']} "
                 f"on {rec['world_size']} worker(s), layout {rec['layout']}")
+    if rec.get("event") == "data":
+        return None  # per-rank data audit records are not printed
+    if rec.get("event") == "stall":
+        at = f", at {rec['where']}" if rec.get("where") else ""
+        return (f"[raytune_llama] rank {rec['rank']} stalled in step {rec['step']} (no progress for "
+                f"{rec['waited_s']:.1f} s, bound {rec['bound_s']:.1f} s{at}): restarting the worker group "
+                f"(while run.max_failures allows)")
     remaining = (rec["max_steps"] - rec["step"]) * rec["step_time_s"]
     return (
         f"step {rec['step']:>5}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
@@ -72,6 +79,8 @@ class ProgressPrinter:
         for rec in new:
             self.records.append(rec)
             line = format_progress(rec)
+            if line is None:
+                continue
             if rec.get("checkpoint") and self.on_checkpoint is not None:
                 try:
                     self.on_checkpoint(list(self.records))
@@ -119,3 +128,8 @@ def step_records(records: list[dict]) -> list[dict]:
 def start_events(records: list[dict]) -> list[dict]:
     """Worker-group start events, in order (one per start and restart)."""
     return [rec for rec in records if rec.get("event") == "start"]
+
+
+def stall_events(records: list[dict]) -> list[dict]:
+    """Stall events, in order: a rank whose step ran past its bound (engine.step_watchdog)."""
+    return [rec for rec in records if rec.get("event") == "stall"]

@@ -13,24 +13,27 @@ import torch
 import transformers
 
 from raytune_llama.config import config_from_dict
-from raytune_llama.engine.checkpoint import (
-    CheckpointError,
-    checkpoint_format,
-    load_sharded_training_state,
-    load_training_state,
-    newest_valid_checkpoint,
-    save_sharded_training_state,
-    save_training_state,
+from raytune_llama.engine.checkpoint import CheckpointError
+from raytune_llama.engine.checkpoint_io import (
+    begin_async_save,
+    choose_checkpoint,
+    finish_async_save,
+    load_engine_checkpoint,
+    resolve_format,
+    save_engine_checkpoint,
 )
 from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
 from raytune_llama.engine.lr_schedule import lr_at
-from raytune_llama.engine.model_io import build_engine, export_model, hf_model_with
-from raytune_llama.engine.training_state import gather_full_state
+from raytune_llama.engine.export import export_model_streaming
+from raytune_llama.engine.model_io import build_engine
 from raytune_llama.engine.tokenizer_build import load_tokenizer
 from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.trainer.metrics_export import TrainingMetrics
 from raytune_llama.trainer.planning import at_world_size, make_run_plan
 from raytune_llama.trainer.batches import iter_global_batches, rank_slice, ray_epoch_batches
+from raytune_llama.trainer.chaos import stall_if_injected
+from raytune_llama.trainer.data_audit import data_record
+from raytune_llama.trainer.step_guard import follows_checkpoint, make_step_watchdog
 
 
 log = logging.getLogger(__name__)
@@ -44,8 +47,9 @@ def _mixed_precision(mode: str, device: torch.device):
 
 
 def _restore(engine) -> dict:
-    """Load the newest valid checkpoint into the engine, whatever layout saved it; returns
-    its meta (or a fresh one). A corrupt or half-written checkpoint is skipped with a warning."""
+    """Load the newest valid checkpoint into the engine, whatever layout, world size or
+    backend saved it; returns its meta (or a fresh one). A corrupt or half-written checkpoint
+    is skipped with a warning (rank 0 verifies, every rank loads the same one)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return {"step": 0, "cursor": 0, "tokens_seen": 0}
@@ -53,24 +57,12 @@ def _restore(engine) -> dict:
         latest = Path(directory)
         older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
                        reverse=True)
-        chosen, refused = newest_valid_checkpoint([latest, *older])
+        chosen, refused = choose_checkpoint([latest, *older])
         for reason in refused:
             log.warning("skipping checkpoint: %s", reason)
         if chosen is None:
             raise CheckpointError(f"no valid checkpoint among {[str(p) for p in (latest, *older)]}: {refused}")
-        if checkpoint_format(chosen) == "sharded":
-            if engine.plan.backend == "deepspeed":
-                raise ValueError(f"{chosen} is a sharded (checkpoint.format=sharded) checkpoint; backend "
-                                 "'deepspeed' cannot load it: resume with backend=torch")
-            model_state, optim_state = engine.get_state(full=False)  # this rank's shards, new layout
-            state = load_sharded_training_state(chosen, model=model_state, optimizer=optim_state)
-            engine.set_state(state["model"], state["optimizer"], full=False)
-            return _note_world_size(state["meta"], engine)
-        state = load_training_state(chosen)
-    if state["optimizer"] is None and engine.plan.backend == "deepspeed":
-        log.warning("DeepSpeed: optimizer moments restart from zero (only weights are in the checkpoint)")
-    engine.set_state(state["model"], state["optimizer"], full=True)
-    return _note_world_size(state["meta"], engine)
+        return _note_world_size(load_engine_checkpoint(engine, chosen), engine)
 
 
 def _note_world_size(meta: dict, engine) -> dict:
@@ -85,37 +77,45 @@ def ctx_world_size() -> int:
     return ray.train.get_context().get_world_size()
 
 
-def _report(metrics: dict, rank: int, with_checkpoint: bool, engine, meta: dict, fmt: str = "full") -> None:
-    """ray.train.report on every rank. format full: rank 0 attaches the gathered checkpoint;
-    format sharded: every rank attaches its own DCP shards + rank manifest (Ray Train copies
-    each rank's directory into the same checkpoint_* folder, named by rank 0)."""
+def _report(metrics: dict, with_checkpoint: bool, engine, meta: dict, fmt: str) -> None:
+    """ray.train.report on every rank, with the checkpoint when one is due. format full: rank
+    0 attaches the gathered checkpoint; format sharded: every rank attaches its own shards +
+    rank manifest (Ray Train copies each rank's directory into the same checkpoint_* folder)."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
-    if fmt == "sharded":
-        tmp = tempfile.mkdtemp(prefix=f"raytune_llama_ckpt_r{rank}_")
-        try:
-            model_state, optim_state = engine.get_state(full=False)  # this rank's shards only
-            save_sharded_training_state(tmp, model=model_state, optimizer=optim_state,
-                                        meta={**meta, "format": "sharded", "plan": engine.plan.to_dict()},
-                                        rank=rank, world_size=ctx_world_size())
-            del model_state, optim_state
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return
-    tmp = None
+    tmp = tempfile.mkdtemp(prefix="raytune_llama_ckpt_")
     try:
-        checkpoint = None
-        model_state, optim_state = gather_full_state(engine)  # collective: every rank joins
-        if rank == 0:
-            tmp = tempfile.mkdtemp(prefix="raytune_llama_ckpt_")
-            save_training_state(tmp, model=model_state, optimizer=optim_state, meta=meta)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        wrote = save_engine_checkpoint(engine, tmp, meta, fmt)  # collective: every rank joins
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
     finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _begin_async_report(engine, meta: dict, metrics: dict) -> tuple:
+    """checkpoint.async_save: stage this step's shards and write them in the background; the
+    checkpoint is reported once written (_finish_async_report, after the next step)."""
+    return begin_async_save(engine, tempfile.mkdtemp(prefix="raytune_llama_ckpt_"), meta), metrics
+
+
+def _finish_async_report(pending, metrics: dict) -> None:
+    """Collective: wait for the background write, write the manifests, report to Ray Train."""
+    try:
+        directory = finish_async_save(pending)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+    finally:
+        shutil.rmtree(pending.directory, ignore_errors=True)
+
+
+def _same_on_every_rank(value):
+    """Rank 0's value, broadcast to the worker group."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _quiet_worker_logs() -> None:
@@ -143,9 +143,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         new = make_run_plan(at_world_size(cfg, world), loop_config["model_path"]).plan
         log.warning("re-planned for %d workers: %s -> %s", world, plan.describe(), new.describe())
         plan = new
-    if cfg.checkpoint.format == "sharded" and plan.backend == "deepspeed":
-        raise ValueError(f"checkpoint.format='sharded' needs backend=torch (the layout is {plan.describe()}); "
-                         "DeepSpeed keeps its own checkpoint format: use checkpoint.format=full")
     t = cfg.train
     engine = build_engine(
         loop_config["model_path"], plan, device_type=device.type, lr=t.lr, weight_decay=t.weight_decay,
@@ -160,22 +157,27 @@ def train_loop_per_worker(loop_config: dict) -> None:
     perf = loop_config.get("performance", {})
     flops_per_token, peak = perf.get("model_flops_per_token"), peak_flops(device)
     exporter = TrainingMetrics(cfg.run.name, perf.get("layout", f"ddp dp={world}")) if rank == 0 else None
+    attempt = _same_on_every_rank(time.time())  # names this worker group in the data audit
     if rank == 0 and board is not None:
         board.push.remote({"event": "start", "step": step, "world_size": world, "layout": plan.describe(),
-                           "time": time.time()})
+                           "time": attempt})
     batches = iter_global_batches(
         ray_epoch_batches(ray.train.get_dataset_shard("train")), num_samples=loop_config["num_samples"],
         global_batch=t.global_batch_size, cursor=cursor,
     )
+    in_flight = None  # (PendingSave, metrics) of a checkpoint written in the background
+    watchdog = make_step_watchdog(cfg, rank, board)  # a stalled step ends this worker, naming rank and step
     while step < stop_at:
         batch = next(batches)
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         engine.set_lr(lr)
         mine = rank_slice(batch, engine.dp_rank, engine.dp_size)
         start = time.perf_counter()
-        out = engine.train_step({k: torch.from_numpy(mine[k]).long() for k in ("input_ids", "labels")})
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with watchdog.step(step + 1, relaxed=follows_checkpoint(cfg, step)):
+            stall_if_injected(rank, step + 1, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL)
+            out = engine.train_step({k: torch.from_numpy(mine[k]).long() for k in ("input_ids", "labels")})
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         step_time = time.perf_counter() - start
         step, cursor = step + 1, cursor + t.global_batch_size
         batch_tokens = int(batch["num_tokens"].sum())  # non-padding tokens of the global batch
@@ -192,18 +194,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}  # Ray metrics need values
         due = step == stop_at or bool(ck.every_steps and step % ck.every_steps == 0)
+        if board is not None and "doc_ids" in mine:  # data.id_column: exactly-once audit
+            board.push.remote(data_record(step, attempt, rank, engine.dp_rank, mine["doc_ids"]))
         if rank == 0:
             exporter.record(metrics)
             if board is not None:
                 board.push.remote({**metrics, "checkpoint": due})
+        if in_flight is not None:  # the previous step's background checkpoint: finish, report
+            _finish_async_report(*in_flight)
+            in_flight = None
         if due or step % t.log_every == 0:
             meta = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "world_size": world}
-            _report(metrics, rank, bool(due), engine, meta, ck.format)
+            fmt = resolve_format(ck.format, plan)
+            if due and ck.async_save and fmt == "sharded" and step < stop_at:
+                in_flight = _begin_async_report(engine, meta, metrics)  # written during the next step
+            else:
+                _report(metrics, bool(due), engine, meta, fmt)
+    watchdog.close()
     if step >= t.max_steps:
-        # The export gathers the whole model (a full copy per rank, also with
-        # checkpoint.format=sharded): fine for small models, a limit for 70B.
-        model_state, _ = gather_full_state(engine)  # collective: every rank joins
-        if rank == 0:
-            export_model(hf_model_with(loop_config["model_path"], model_state),
-                         load_tokenizer(loop_config["tokenizer_path"]), loop_config["export_path"])
+        # One tensor at a time, written per pipeline stage: no rank holds the whole model.
+        export_model_streaming(engine, loop_config["model_path"], load_tokenizer(loop_config["tokenizer_path"]),
+                               loop_config["export_path"])
     engine.close()

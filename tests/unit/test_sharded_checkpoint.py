@@ -137,15 +137,34 @@ def test_full_format_still_verifies(tmp_path):
     assert checkpoint_format(tmp_path) == "full" and "rank_manifests" not in verify_checkpoint(tmp_path)
 
 
-def test_config_format_field_and_deepspeed_check():
+def test_config_format_field_and_auto_resolution():
+    from raytune_llama.config import Config
+    from raytune_llama.config_checks import collect_problems
+    from raytune_llama.engine.checkpoint_io import resolve_format
+    from raytune_llama.planner.plan import ParallelPlan
+
+    cfg = Config()
+    assert cfg.checkpoint.format == "auto"
+    cfg.checkpoint.format = "bogus"
+    assert any(p.startswith("checkpoint.format") for p in collect_problems(cfg, check_files=False))
+    cfg.checkpoint.format = "sharded"
+    cfg.parallel.layout = "dp_shard=2,zero_stage=3,backend=deepspeed"  # DeepSpeed saves either format
+    assert not any("checkpoint.format" in p for p in collect_problems(cfg, check_files=False))
+    sharded = [ParallelPlan(dp_shard=2, zero_stage=3), ParallelPlan(tp=2), ParallelPlan(pp=2)]
+    full = [ParallelPlan(), ParallelPlan(dp_replicate=2), ParallelPlan(dp_shard=2, zero_stage=3, backend="deepspeed")]
+    assert [resolve_format("auto", p) for p in sharded] == ["sharded"] * 3
+    assert [resolve_format("auto", p) for p in full] == ["full"] * 3
+    assert resolve_format("full", sharded[0]) == "full"
+
+
+def test_async_save_needs_a_sharded_format():
     from raytune_llama.config import Config
     from raytune_llama.config_checks import collect_problems
 
     cfg = Config()
-    assert cfg.checkpoint.format == "full"
-    cfg.checkpoint.format = "bogus"
-    assert any(p.startswith("checkpoint.format") for p in collect_problems(cfg, check_files=False))
-    cfg.checkpoint.format = "sharded"
-    cfg.parallel.layout = "dp_shard=2,zero_stage=3,backend=deepspeed"
-    problems = collect_problems(cfg, check_files=False)
-    assert any("checkpoint.format" in p and "full" in p for p in problems), problems
+    cfg.checkpoint.async_save = True
+    assert not any("async_save" in p for p in collect_problems(cfg, check_files=False))  # auto
+    cfg.checkpoint.format = "full"
+    assert any(p.startswith("checkpoint.async_save") and "sharded" in p for p in collect_problems(cfg, check_files=False))
+    cfg.checkpoint.async_save = "yes"
+    assert any("must be true or false" in p for p in collect_problems(cfg, check_files=False))

@@ -7,8 +7,12 @@ one DCP checkpoint loads into any other layout. `full=False` gives DTensor shard
 CPU tensors on EVERY rank (export / small models / tests: it costs a full copy per rank;
 DCP's own rank-0-only gather would drop the keys of pipeline stages not on global rank 0). With pipeline parallel each pp rank holds only its stages' keys
 (disjoint sets; merge them for a whole-model export).
-DeepSpeed backend: full model weights only (ZeRO shards gathered); its optimizer state goes
-through DeepSpeed's own `save_checkpoint` / `load_checkpoint`.
+`full=False` also flattens the optimizer state to one key per parameter and field
+("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"), so pipeline stages, whose optimizers hold
+different parameters, save and load it without clashing and in any other layout.
+DeepSpeed backend: weights and AdamW moments assembled from the ZeRO partitions in the same
+torch format (deepspeed_state.py); `full=False` gives the same whole tensors on every rank
+(DCP writes each once).
 """
 from __future__ import annotations
 
@@ -21,11 +25,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from . import deepspeed_backend as ds
+from . import deepspeed_state as ds_state
 
 
 def _options(full: bool, strict: bool = True) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=full, cpu_offload=False, strict=strict)
+    return StateDictOptions(full_state_dict=full, cpu_offload=False, strict=strict,
+                            flatten_optimizer_state_dict=not full)
 
 
 def _to_cpu(obj):
@@ -61,11 +66,17 @@ def _rename_optim(optim_state: dict, fn) -> dict:
 def get_engine_state(engine, full: bool):
     """(model_state, optimizer_state) of this rank; see the module docstring."""
     if engine.ds_engine is not None:
-        return ds.gathered_model_state_dict(engine.ds_engine), None
+        model_state, optim_state = ds_state.get_full_state(engine.ds_engine)
+        return model_state, (optim_state if full else flatten_optimizer_state(optim_state))
     multi = len(engine.modules) > 1
     ms, os_ = get_state_dict(_container(engine), engine.optimizer, options=_options(full))
     model_state = {_strip(k, multi): v for k, v in ms.items()}
-    optim_state = _rename_optim(os_, lambda k: _strip(k, multi)) if multi else os_
+    if not multi:
+        optim_state = os_
+    elif full:
+        optim_state = _rename_optim(os_, lambda k: _strip(k, multi))
+    else:
+        optim_state = {_rename_flat(k, lambda fqn: _strip(fqn, multi)): v for k, v in os_.items()}
     if full:
         return _to_cpu(model_state), _to_cpu(optim_state)
     return model_state, optim_state
@@ -74,9 +85,9 @@ def get_engine_state(engine, full: bool):
 def set_engine_state(engine, model_state, optim_state, full: bool) -> None:
     """Load `get_engine_state` output (keys of other pipeline stages are ignored)."""
     if engine.ds_engine is not None:
-        if optim_state is not None:
-            raise ValueError("backend 'deepspeed' restores optimizer state only via its own load_checkpoint")
-        ds.load_model_state_dict(engine.ds_engine, model_state)
+        if optim_state is not None and not full:
+            optim_state = unflatten_optimizer_state(optim_state, ds_state.group_names(engine.ds_engine))
+        ds_state.set_full_state(engine.ds_engine, model_state, optim_state)
         return
     multi = len(engine.modules) > 1
     owner: dict[str, str] = {}  # HF FQN -> key inside the container
@@ -89,6 +100,11 @@ def set_engine_state(engine, model_state, optim_state, full: bool) -> None:
     if optim_state is None:
         set_model_state_dict(container, model_state, options=_options(full))
         return
+    if not full:  # flattened: one key per parameter and field
+        optim_state = {_rename_flat(k, lambda fqn: owner.get(fqn, fqn)): v for k, v in optim_state.items()}
+        set_state_dict(container, engine.optimizer, model_state_dict=model_state,
+                       optim_state_dict=optim_state, options=_options(full))
+        return
     optim_state = _rename_optim(optim_state, lambda k: owner.get(k, k))
     mine = set(owner.values())
     optim_state["state"] = {k: v for k, v in optim_state["state"].items() if k in mine}
@@ -97,3 +113,69 @@ def set_engine_state(engine, model_state, optim_state, full: bool) -> None:
                                    for g in optim_state["param_groups"]]
     set_state_dict(container, engine.optimizer, model_state_dict=model_state,
                    optim_state_dict=optim_state, options=_options(full))
+
+
+_FLAT_SECTIONS = ("state.", "param_groups.")
+
+
+def _rename_flat(key: str, fn) -> str:
+    """Rename the parameter FQN inside a flattened optimizer key ("state.<fqn>.<field>")."""
+    section = next(s for s in _FLAT_SECTIONS if key.startswith(s))
+    fqn, field = key[len(section):].rsplit(".", 1)
+    return f"{section}{fn(fqn)}.{field}"
+
+
+def flatten_optimizer_state(optim_state: dict) -> dict:
+    """Nested torch optimizer state (keyed by FQN) -> one key per parameter and field, the
+    layout torch's flatten_optimizer_state_dict option gives."""
+    flat = {}
+    for fqn, fields in optim_state.get("state", {}).items():
+        for field, value in fields.items():
+            flat[f"state.{fqn}.{field}"] = value
+    for group in optim_state.get("param_groups", []):
+        for fqn in group["params"]:
+            for field, value in group.items():
+                if field != "params":
+                    flat[f"param_groups.{fqn}.{field}"] = value
+    return flat
+
+
+def unflatten_optimizer_state(flat: dict, group_names: list[list[str]]) -> dict:
+    """flatten_optimizer_state's inverse for the given AdamW groups (FQNs per group)."""
+    state: dict[str, dict] = {}
+    group_fields: dict[str, dict] = {}
+    for key, value in flat.items():
+        section = next(s for s in _FLAT_SECTIONS if key.startswith(s))
+        fqn, field = key[len(section):].rsplit(".", 1)
+        (state if section == "state." else group_fields).setdefault(fqn, {})[field] = value
+    groups = [{**group_fields.get(names[0], {}), "params": list(names)} for names in group_names if names]
+    return {"state": state, "param_groups": groups}
+
+
+def iter_full_tensors(engine):
+    """(HF name, whole tensor) for every weight and persistent buffer this rank's pipeline
+    stage holds, one at a time, in a fixed order: each sharded tensor is all-gathered over
+    the ranks that shard it when its turn comes (collective: every rank of the stage iterates
+    in step), so no rank ever holds more than one whole tensor at once."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    if engine.ds_engine is not None:
+        yield from ds_state.iter_full_tensors(engine.ds_engine)
+        return
+    multi = len(engine.modules) > 1
+    local = get_model_state_dict(_container(engine), options=StateDictOptions(full_state_dict=False))
+    for key in sorted(local):
+        value = local[key]
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        yield _strip(key, multi), full.detach()
+
+
+def is_export_writer(engine) -> bool:
+    """Whether this rank writes its stage's tensors in an export: the first rank of each
+    pipeline stage (data- and tensor-parallel coordinate 0); rank 0 for DeepSpeed."""
+    import torch.distributed as dist
+
+    if engine.ds_engine is not None or engine.mesh is None:
+        return not dist.is_initialized() or dist.get_rank() == 0
+    return all(engine.mesh.get_local_rank(axis) == 0 for axis in engine.mesh.mesh_dim_names if axis != "pp")

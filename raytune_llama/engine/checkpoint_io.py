@@ -1,0 +1,152 @@
+"""Checkpoint a ParallelEngine and restore it, in either format, whatever layout, world size
+or backend saved it: every key is an HF parameter name, so a checkpoint written by FSDP on 2
+ranks loads into TP, pipeline, DeepSpeed ZeRO-3 or a single process, and back.
+
+Collective: every rank of the process group calls these functions in the same order.
+
+    choose_checkpoint([newest, older, ...])   # rank 0 verifies hashes once, all ranks agree
+    load_engine_checkpoint(engine, chosen)     # -> meta (step, cursor, tokens seen, ...)
+    save_engine_checkpoint(engine, tmp_dir, meta, "sharded")
+    pending = begin_async_save(engine, tmp_dir, meta)   # sharded: training goes on meanwhile
+    ... train ...; finish_async_save(pending)           # then report tmp_dir
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+import torch
+
+from raytune_llama.engine.checkpoint import (
+    checkpoint_format,
+    finish_sharded_checkpoint,
+    load_sharded_training_state,
+    load_training_state,
+    newest_valid_checkpoint,
+    save_sharded_training_state,
+    save_training_state,
+)
+from raytune_llama.engine.training_state import gather_full_state
+
+FORMATS = ("full", "sharded")
+
+
+def resolve_format(requested: str, plan) -> str:
+    """checkpoint.format 'auto' -> 'sharded' where the layout shards the model's state over
+    ranks on the torch backend (FSDP/ZeRO, TP, PP: no rank gathers the whole model), else
+    'full' (one process, DDP replicas, DeepSpeed, whose state is assembled whole anyway)."""
+    if requested != "auto":
+        return requested
+    shards = (plan.zero_stage >= 1 and plan.dp_shard > 1) or plan.tp > 1 or plan.pp > 1
+    return "sharded" if plan.backend == "torch" and shards else "full"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast_from_rank0(value):
+    """rank 0's value on every rank (a small picklable object)."""
+    if _rank_world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def choose_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest candidate that verifies (sizes + SHA-256 of every file, every rank's
+    manifest), and why each newer one was refused. Only rank 0 reads and hashes the files
+    (a 70B checkpoint is hundreds of GB); the verdict is broadcast, so every rank loads the
+    same checkpoint. Needs the checkpoint on storage that every rank sees (shared storage)."""
+    rank, _ = _rank_world()
+    verdict = None
+    if rank == 0:
+        chosen, refused = newest_valid_checkpoint(list(candidates))
+        verdict = (None if chosen is None else str(chosen), refused)
+    chosen, refused = _broadcast_from_rank0(verdict)
+    return (Path(chosen) if chosen else None), refused
+
+
+def load_engine_checkpoint(engine, directory: str | os.PathLike) -> dict:
+    """Load a verified checkpoint (choose_checkpoint) into the engine's current layout;
+    returns its meta. Sharded: each rank reads only what its new shards need (DCP reshards).
+    Full: every rank reads the whole state and keeps its part."""
+    d = Path(directory)
+    if checkpoint_format(d) == "sharded":
+        model_state, optim_state = engine.get_state(full=False)  # this rank's shards, new layout
+        state = load_sharded_training_state(d, model=model_state, optimizer=optim_state, verify=False)
+        engine.set_state(state["model"], state["optimizer"], full=False)
+        return state["meta"]
+    state = load_training_state(d, verify=False)
+    engine.set_state(state["model"], state["optimizer"], full=True)
+    return state["meta"]
+
+
+def save_engine_checkpoint(engine, directory: str | os.PathLike, meta: dict, fmt: str) -> bool:
+    """Write the engine's model + optimizer state, RNG and meta into `directory` (a local
+    directory of this rank); returns whether this rank wrote anything (full: rank 0 only).
+    sharded: every rank writes only its own shards and manifest, rank 0 the manifest last.
+    full: the whole state is gathered to rank 0, which writes it."""
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint.format: {fmt!r} is not one of {FORMATS}")
+    rank, world = _rank_world()
+    meta = {**meta, "format": fmt, "plan": engine.plan.to_dict()}
+    if fmt == "sharded":
+        model_state, optim_state = engine.get_state(full=False)
+        save_sharded_training_state(directory, model=model_state, optimizer=optim_state, meta=meta,
+                                    rank=rank, world_size=world)
+        return True
+    model_state, optim_state = gather_full_state(engine)  # collective: every rank joins
+    if rank == 0:
+        save_training_state(directory, model=model_state, optimizer=optim_state, meta=meta)
+        return True
+    return False
+
+
+class PendingSave:
+    """A sharded checkpoint whose shards are being written in the background."""
+
+    def __init__(self, future, directory: Path, meta: dict, rng_state: torch.Tensor, has_optimizer: bool):
+        self.future, self.directory, self.meta = future, directory, meta
+        self.rng_state, self.has_optimizer = rng_state, has_optimizer
+
+
+_checkpoint_group = None
+
+
+def _background_group():
+    """A gloo group of its own for the background writer's collectives, so they never
+    interleave with the training step's collectives on the default group."""
+    global _checkpoint_group
+    if _checkpoint_group is None and _rank_world()[1] > 1:
+        _checkpoint_group = dist.new_group(backend="gloo")  # collective: every rank, same point
+    return _checkpoint_group
+
+
+def begin_async_save(engine, directory: str | os.PathLike, meta: dict) -> PendingSave:
+    """Start a sharded checkpoint: this rank's shards are copied (staged) now, at this step,
+    and written by a background thread while training continues; the RNG state and meta are
+    captured now too. Nothing is visible until finish_async_save writes the manifests."""
+    import torch.distributed.checkpoint as dcp
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    model_state, optim_state = engine.get_state(full=False)
+    state = {"model": model_state} if optim_state is None else {"model": model_state, "optimizer": optim_state}
+    future = dcp.async_save(state, checkpoint_id=str(d), process_group=_background_group())
+    meta = {**meta, "format": "sharded", "plan": engine.plan.to_dict()}
+    return PendingSave(future, d, meta, torch.get_rng_state(), optim_state is not None)
+
+
+def finish_async_save(pending: PendingSave) -> Path:
+    """Collective: wait for this rank's background write, then write the manifests (the
+    top-level one last). Returns the checkpoint directory, complete."""
+    pending.future.result()
+    rank, world = _rank_world()
+    return finish_sharded_checkpoint(pending.directory, meta=pending.meta, rng_state=pending.rng_state,
+                                     rank=rank, world_size=world, has_optimizer=pending.has_optimizer)

@@ -1,0 +1,125 @@
+"""Export the trained model as an HF model directory without ever holding the whole model
+in one process: tensors are gathered one at a time (an all-gather over the ranks that shard
+it) and written by one rank per pipeline stage into safetensors files of at most
+`max_shard_bytes`; rank 0 then names the files as HF does (model.safetensors, or
+model-0000i-of-0000n.safetensors + model.safetensors.index.json), adds config.json and the
+tokenizer, and renames the finished directory into place. Peak extra memory per rank: one
+tensor plus one shard buffer (writers only). A 70B model exports like a 1B one.
+
+Collective: every rank calls `export_model_streaming` with the same arguments. With pipeline
+parallel across nodes, the export directory must be on storage every writer sees (the run's
+storage path)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what HF's save_pretrained uses
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _export_dtype(config) -> torch.dtype | None:
+    """The dtype the source checkpoint declares (a bf16 model is exported in bf16); None keeps
+    the training dtype."""
+    name = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    if isinstance(name, torch.dtype):
+        return name
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
+
+
+class _ShardWriter:
+    """Collects tensors and writes a safetensors file whenever the next one would overflow."""
+
+    def __init__(self, directory: Path, prefix: str, max_bytes: int):
+        self.directory, self.prefix, self.max_bytes = directory, prefix, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+        self.files: list[tuple[str, list[str]]] = []  # (file name, keys) in write order
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.buffer and self.bytes + size > self.max_bytes:
+            self.flush()
+        self.buffer[name] = tensor.detach().to("cpu").contiguous().clone()
+        self.bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        save_file(self.buffer, str(self.directory / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.buffer)))
+        self.buffer, self.bytes = {}, 0
+
+
+def export_model_streaming(engine, model_path: str, tokenizer, out_dir: str | os.PathLike,
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write the engine's current weights as an HF model directory at out_dir (see module doc)."""
+    from transformers import AutoConfig
+
+    from raytune_llama.engine.parallel.state import iter_full_tensors, is_export_writer
+
+    rank, world = _rank_world()
+    final = Path(out_dir)
+    config = AutoConfig.from_pretrained(model_path)
+    dtype = _export_dtype(config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tmp = final.parent / f".{final.name}.tmp-export"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    writer = _ShardWriter(tmp, f"part-r{rank:05d}", max_shard_bytes) if is_export_writer(engine) else None
+    for name, tensor in iter_full_tensors(engine):  # collective per tensor
+        if writer is not None and not (tied and name == "lm_head.weight"):
+            writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+        del tensor
+    if writer is not None:
+        writer.flush()
+    files = writer.files if writer is not None else []
+    parts = [None] * world if rank == 0 else None
+    if world > 1:
+        dist.gather_object(files, parts, dst=0)
+    else:
+        parts = [files]
+    if rank == 0:
+        _finish(tmp, final, [f for part in parts for f in part], config, tokenizer, dtype)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def _finish(tmp: Path, final: Path, files: list[tuple[str, list[str]]], config, tokenizer, dtype) -> None:
+    """HF names for the parts, the index, config.json and tokenizer; then rename into place."""
+    if len(files) == 1:
+        os.replace(tmp / files[0][0], tmp / "model.safetensors")
+    else:
+        weight_map, total = {}, 0
+        for i, (name, keys) in enumerate(files, start=1):
+            new = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            os.replace(tmp / name, tmp / new)
+            weight_map.update({k: new for k in keys})
+        for name in set(weight_map.values()):
+            total += (tmp / name).stat().st_size
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    if dtype is not None:
+        config.torch_dtype = dtype
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)

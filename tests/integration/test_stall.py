@@ -1,0 +1,52 @@
+"""R10 hang -> fail fast on the shared head: rank 1 stalls inside step 4 (RAYTUNE_LLAMA_STALL,
+as a rank stuck in a collective would). With run.step_timeout_s=5 its step watchdog ends the
+worker within seconds, naming rank 1 and step 4, instead of waiting for
+run.collective_timeout_s (600 s); Ray Train restarts the group from the step-2 checkpoint,
+the injected stall does not repeat, and the run finishes with an uninterrupted run's losses."""
+import numpy as np
+import pytest
+
+from raytune_llama.config import load_config
+from raytune_llama.trainer.chaos import STALL_ENV
+from raytune_llama.trainer.llama_trainer import LlamaTrainer
+from tests.integration.conftest import REPO
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+STEPS = 6
+STEP_TIMEOUT_S = 5.0
+
+
+def _cfg(tmp, name, *extra):
+    return load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml", [
+        f"model.name_or_path={tmp}/models/tiny-llama", f"data.path={REPO}/examples/data/tiny_corpus.jsonl",
+        f"run.storage_path={tmp}/runs", f"run.name={name}", f"train.max_steps={STEPS}",
+        "train.global_batch_size=8", "data.seq_len=64", "train.warmup_steps=2",
+        "checkpoint.every_steps=2", "train.log_every=2",
+        'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"', *extra,
+    ])
+
+
+def test_stalled_rank_fails_fast_and_the_run_restarts(ray_head, tmp_path, monkeypatch, capsys):
+    straight = LlamaTrainer(_cfg(tmp_path, "no-stall")).fit()
+    monkeypatch.setenv(STALL_ENV, "rank=1,step=4,seconds=600")
+    summary = LlamaTrainer(_cfg(tmp_path, "stall", "run.max_failures=1", f"run.step_timeout_s={STEP_TIMEOUT_S}")).fit()
+    printed = capsys.readouterr().out
+
+    assert summary["final_step"] == STEPS and summary["restarts"] == 1, summary
+    assert summary["resumed_at_steps"] == [0, 2]  # the step-2 checkpoint; step 4 never finished
+    stalls = summary["stalls"]
+    # The stalled rank reports itself; rank 0, waiting for it in a collective, may report too.
+    assert {s["rank"] for s in stalls} <= {0, 1} and {s["step"] for s in stalls} == {4}, stalls
+    stalled = next(s for s in stalls if s["rank"] == 1)
+    assert stalled["bound_s"] == STEP_TIMEOUT_S and STEP_TIMEOUT_S <= stalled["waited_s"] < STEP_TIMEOUT_S + 5
+    assert stalled["where"].endswith("in stall_if_injected"), stalled  # where rank 1's loop hung
+    assert "[raytune_llama] rank 1 stalled in step 4 (no progress for" in printed
+    # From the stall's start to the new worker group training again: seconds, not the 600 s
+    # collective timeout (nor torch's 30 minutes).
+    stall_started = stalled["time"] - stalled["waited_s"]
+    restarted = summary["worker_group_start_times"][1]
+    assert 0 < restarted - stall_started < 120, (stall_started, restarted)
+
+    np.testing.assert_allclose(summary["losses"], straight["losses"], rtol=1e-5)
+    assert summary["tokens_seen"] == straight["tokens_seen"]
+    assert (tmp_path / "runs" / "stall" / ".stall-injected-rank1-step4").exists()
