@@ -38,14 +38,21 @@ def _tokenizer(path: str, eos_token_id: int, pad_token_id: int):
 
 def tokenize_pack_batch(batch, *, tokenizer_path: str, eos_token_id: int, pad_token_id: int,
                         text_column: str, seq_len: int, id_column: str | None = None):
-    """map_batches function: one batch of documents → packed rows (numpy dict)."""
+    """map_batches function: one batch of documents (an Arrow table) → packed rows (numpy
+    dict). The text column is read as raw bytes, so invalid UTF-8 is decoded with
+    replacement characters instead of failing the conversion to Python strings."""
     import logging
+
+    import pyarrow as pa
 
     from raytune_llama.engine.packing import tokenize_and_pack
 
     tokenizer = _tokenizer(tokenizer_path, eos_token_id, pad_token_id)
-    ids = list(batch[id_column]) if id_column else None
-    packed, skipped = tokenize_and_pack(tokenizer, batch[text_column], seq_len, doc_ids=ids)
+    texts = batch.column(text_column)
+    if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
+        texts = texts.cast(pa.binary() if pa.types.is_string(texts.type) else pa.large_binary())
+    ids = batch.column(id_column).to_pylist() if id_column else None
+    packed, skipped = tokenize_and_pack(tokenizer, texts.to_pylist(), seq_len, doc_ids=ids)
     if skipped and not len(packed["num_tokens"]):
         # No row to carry the count on: say so here (the total in the run summary misses these).
         logging.getLogger(__name__).warning("a batch of %d rows had no usable text; all skipped", skipped)
@@ -108,8 +115,17 @@ def build_packed_dataset(cfg: DataConfig, tokenizer_path: str):
                    "pad_token_id": tok.pad_token_id, "text_column": cfg.text_column, "seq_len": cfg.seq_len,
                    "id_column": cfg.id_column},
         batch_size=cfg.tokenize_batch_size,
-        batch_format="numpy",
-    ).materialize()
+        batch_format="pyarrow",
+    )
+    try:
+        ds = ds.materialize()
+    except Exception as exc:  # a bad file fails inside a Ray Data task: name it on the driver
+        cause = getattr(exc, "cause", None) or exc
+        raise ValueError(
+            f"data.path: could not read and tokenize {cfg.path!r} as {resolve_format(cfg.path, cfg.format)} "
+            f"({type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}); every row needs a text "
+            f"string in column {cfg.text_column!r} (rows with an empty or missing one are skipped and counted)"
+        ) from exc
     num_samples = ds.count()
     if num_samples == 0:
         raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset, or no "
