@@ -1,6 +1,7 @@
-"""Chaos report: inject worker kills (0, 1 and 3 per run) and a corrupted checkpoint into
-short training runs on a local Ray cluster, and print one table: faults injected, faults
-survived, samples lost, samples duplicated, checkpoints rejected as corrupt, time to recover.
+"""Chaos report: inject worker kills (0, 1 and 3 per run), a stalled rank and a corrupted
+checkpoint into short training runs on a local Ray cluster, and print one table: faults
+injected, faults survived, documents lost, documents duplicated (by the exactly-once audit of
+document ids over the committed steps), checkpoints rejected as corrupt, time to recover.
 A fault-free run of the same config is the baseline, in the same invocation.
 
     .venv/bin/python bench/chaos_report.py [--steps 24]
@@ -8,6 +9,7 @@ A fault-free run of the same config is the baseline, in the same invocation.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +31,7 @@ def config(tmp: Path, name: str, steps: int, *extra: str):
         f"model.name_or_path={tmp}/models/tiny-llama", f"data.path={REPO}/examples/data/tiny_corpus.jsonl",
         f"run.storage_path={tmp}/runs", f"run.name={name}", f"train.max_steps={steps}",
         "train.global_batch_size=8", "data.seq_len=64", "checkpoint.every_steps=2", "checkpoint.keep_last=3",
-        "train.log_every=2", "run.max_failures=5", LAYOUT, *extra])
+        "train.log_every=2", "run.max_failures=5", "data.id_column=id", LAYOUT, *extra])
 
 
 def kill_run(address: str, tmp: Path, name: str, steps: int, kills: int) -> dict:
@@ -57,10 +59,33 @@ def corrupt_run(tmp: Path, steps: int) -> dict:
     path.write_bytes(bytes(blob))
     second = LlamaTrainer(config(tmp, "corrupt", steps)).fit()
     rejected = (first["final_step"] - second["resumed_at_steps"][0]) // 2
-    merged = dict(second, losses=first["losses"][:second["resumed_at_steps"][0]] + second["losses"],
+    resumed = second["resumed_at_steps"][0]
+    kept = [ids for step, ids in first["data_audit"]["by_step"] if step <= resumed]
+    ids = [i for step_ids in kept for i in step_ids] + second["data_audit"]["ids"]
+    merged = dict(second, data_audit={"ids": ids},
+                  losses=first["losses"][:resumed] + second["losses"],
                   steps_redone=first["final_step"] - second["resumed_at_steps"][0])
     return {"summary": merged, "injected": 1, "survived": 1 if second["final_step"] == steps else 0,
             "rejected": rejected, "recover_s": None}
+
+
+def stall_run(tmp: Path, steps: int) -> dict:
+    """Rank 1 sleeps in step 5 as if stuck in a collective; the 5 s step bound ends it."""
+    os.environ["RAYTUNE_LLAMA_STALL"] = "rank=1,step=5,seconds=600"
+    try:
+        summary = LlamaTrainer(config(tmp, "stall", steps, "run.step_timeout_s=5")).fit()
+    finally:
+        del os.environ["RAYTUNE_LLAMA_STALL"]
+    starts, stalls = summary["worker_group_start_times"][1:], summary["stalls"]
+    recover = [s - (stalls[0]["time"] - stalls[0]["waited_s"])] if starts and stalls else []
+    return {"summary": summary, "injected": 1, "survived": summary["restarts"], "rejected": 0,
+            "recover_s": recover[0] if recover else None}
+
+
+def documents_lost_and_duplicated(summary: dict, baseline: dict) -> tuple[int, int]:
+    """Against the fault-free run's audit: document ids missing, and ids trained on twice."""
+    ids, ref = summary["data_audit"]["ids"], baseline["data_audit"]["ids"]
+    return len(set(ref) - set(ids)), len(ids) - len(set(ids))
 
 
 def main() -> None:
@@ -77,22 +102,19 @@ def main() -> None:
         base = kill_run(address, tmp, "kills-0", args.steps, 0)
         rows = {"no faults": base, "1 worker kill": kill_run(address, tmp, "kills-1", args.steps, 1),
                 "3 worker kills": kill_run(address, tmp, "kills-3", args.steps, 3),
+                "rank stalled in a step": stall_run(tmp, args.steps),
                 "corrupt newest checkpoint": corrupt_run(tmp, args.steps)}
     finally:
         ray.shutdown()
-    gb, ref = 8, base["summary"]
-    # Samples are counted by the committed global cursor (steps x global batch) and checked by
-    # the committed non-padding token count: a lost or repeated sample changes both.
-    print(f"\n{'scenario':<28}{'injected':>9}{'survived':>9}{'final step':>11}{'samples lost':>13}"
+    ref = base["summary"]
+    print(f"\n{'scenario':<28}{'injected':>9}{'survived':>9}{'final step':>11}{'docs lost':>10}"
           f"{'duplicated':>11}{'rejected ckpt':>14}{'steps redone':>13}{'recover s':>10}{'losses = baseline':>19}")
     for name, row in rows.items():
         s = row["summary"]
-        lost = max(ref["final_step"] * gb - s["final_step"] * gb, 0)
-        extra_tokens = s["tokens_seen"] - ref["tokens_seen"]
-        duplicated = "0" if extra_tokens == 0 and not lost else f"{extra_tokens:+d} tok"
+        lost, duplicated = documents_lost_and_duplicated(s, ref)
         same = all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(s["losses"], ref["losses"]))
         rec = f"{row['recover_s']:.1f}" if row["recover_s"] is not None else "-"
-        print(f"{name:<28}{row['injected']:>9}{row['survived']:>9}{s['final_step']:>11}{lost:>13}"
+        print(f"{name:<28}{row['injected']:>9}{row['survived']:>9}{s['final_step']:>11}{lost:>10}"
               f"{duplicated:>11}{row['rejected']:>14}{s['steps_redone']:>13}{rec:>10}{str(same):>19}")
 
 

@@ -22,14 +22,15 @@ def data_events(records: list[dict]) -> list[dict]:
     return [r for r in records if r.get("event") == "data"]
 
 
-def committed_ids(records: list[dict]) -> tuple[list[str], list[str]]:
-    """(document ids of the committed steps in training order, problems found)."""
+def committed_ids(records: list[dict]) -> tuple[list[tuple[int, list[str]]], list[str]]:
+    """([(step, document ids of that committed step in dp-rank order)], problems found)."""
     events = data_events(records)
     last_attempt: dict[int, float] = {}
     for e in events:
         last_attempt[e["step"]] = max(last_attempt.get(e["step"], e["attempt"]), e["attempt"])
-    ids, problems = [], []
+    steps, problems = [], []
     for step in sorted(last_attempt):
+        ids: list[str] = []
         by_dp: dict[int, list[str]] = {}
         for e in events:
             if e["step"] != step or e["attempt"] != last_attempt[step]:
@@ -41,14 +42,16 @@ def committed_ids(records: list[dict]) -> tuple[list[str], list[str]]:
             problems.append(f"step {step}: data-parallel ranks {sorted(by_dp)} reported (a rank is missing)")
         for dp_rank in sorted(by_dp):
             ids += by_dp[dp_rank]
-    return ids, problems
+        steps.append((step, ids))
+    return steps, problems
 
 
 def audit(records: list[dict]) -> dict | None:
     """Summary of the exactly-once audit, or None when the rows carry no document ids."""
     if not data_events(records):
         return None
-    ids, problems = committed_ids(records)
+    steps, problems = committed_ids(records)
+    ids = [i for _, step_ids in steps for i in step_ids]
     twice = sorted(i for i, n in Counter(ids).items() if n > 1)
     return {"documents": len(ids), "distinct": len(set(ids)), "duplicated": twice, "problems": problems,
-            "ids": ids}
+            "ids": ids, "by_step": [[step, step_ids] for step, step_ids in steps]}

@@ -186,6 +186,7 @@ class LlamaTrainer:
             # steps computed again after a restart (work lost since the last checkpoint)
             "steps_redone": sum(1 for r in all_records if "event" not in r) - len(records),
             "world_size_history": [e["world_size"] for e in starts],
+            "layout_history": [e.get("layout") for e in starts],  # re-planned at every new size
             "resumed_at_steps": [e["step"] for e in starts],
             "worker_group_start_times": [e.get("time") for e in starts],
             # ranks whose step ran past its bound (run.step_timeout_s), each ending its worker group
