@@ -9,22 +9,18 @@ import json
 import numpy as np
 import pytest
 
-from raytune_llama.config import load_config
 from raytune_llama.trainer.chaos import WorkerKiller
 from raytune_llama.trainer.llama_trainer import LlamaTrainer
 from tests.integration.conftest import REPO
+from tests.integration.tiny_run import tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 8
 
 
 def _cfg(tmp, name, *extra):
-    return load_config(REPO / "examples" / "configs" / "tiny_cpu.yaml", [
-        f"model.name_or_path={tmp}/models/tiny-llama", f"data.path={REPO}/examples/data/tiny_corpus.jsonl",
-        f"run.storage_path={tmp}/runs", f"run.name={name}", f"train.max_steps={STEPS}",
-        "train.global_batch_size=8", "data.seq_len=64", "train.warmup_steps=2",
-        "checkpoint.every_steps=2", "train.log_every=2", "data.id_column=id", *extra,
-    ])
+    return tiny_run_config(tmp, name, STEPS, "checkpoint.every_steps=2", "train.log_every=2", "data.id_column=id",
+                           *extra)
 
 
 def _source_ids() -> list[str]:
