@@ -31,7 +31,7 @@ def _rank_world() -> tuple[int, int]:
 def _export_dtype(config) -> torch.dtype | None:
     """The dtype the source checkpoint declares (a bf16 model is exported in bf16); None keeps
     the training dtype."""
-    name = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+    name = getattr(config, "dtype", None)  # transformers 5 reads a config's torch_dtype into dtype
     if isinstance(name, torch.dtype):
         return name
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
@@ -117,7 +117,7 @@ def _finish(tmp: Path, final: Path, files: list[tuple[str, list[str]]], config, 
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     if dtype is not None:
-        config.torch_dtype = dtype
+        config.dtype = dtype
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if final.exists():
