@@ -109,7 +109,15 @@ def build_packed_dataset(cfg: DataConfig, tokenizer_path: str):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the global cursor indexes this order
     ctx.enable_progress_bars = False  # the driver prints its own progress line
-    ds = read_source(cfg).map_batches(
+    # Each tokenize batch packs its own documents, so the rows depend on where batches start.
+    # Blocks of exactly tokenize_batch_size documents (in order; streaming, no shuffle) make
+    # every batch start at a multiple of it: the packed order then depends on the documents
+    # alone, not on how Ray split the read (which follows the CPUs it sees: the same corpus
+    # once packed into 8,904 rows on a 2-CPU and 8,905 on a 5-CPU cluster) or on the format.
+    # The global cursor indexes this order, so a run resumed on a cluster of another shape
+    # gets exactly the same rows.
+    source = read_source(cfg).repartition(target_num_rows_per_block=cfg.tokenize_batch_size, strict=True)
+    ds = source.map_batches(
         tokenize_pack_batch,
         fn_kwargs={"tokenizer_path": tokenizer_path, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id, "text_column": cfg.text_column, "seq_len": cfg.seq_len,

@@ -56,6 +56,7 @@ class LlamaTrainer:
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train import DataConfig as RayDataConfig
         from ray.train.torch import TorchConfig, TorchTrainer
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from raytune_llama.engine.model_io import ensure_model
         from raytune_llama.trainer.data_pipeline import build_packed_dataset
@@ -102,7 +103,11 @@ class LlamaTrainer:
                   + (f"; skipped {info.docs_skipped:,} rows without usable text (empty, missing or not a "
                      f"string in column {cfg.data.text_column!r})" if info.docs_skipped else ""), flush=True)
             board_name = f"raytune_llama_progress_{cfg.run.name}_{int(started * 1000)}"
-            board = ProgressBoard.options(name=board_name).remote()
+            # On the driver's node (the head, for Ray client and job drivers), as Ray Train places
+            # its controller: a board on a worker node would die with that node, and with it
+            # every step record the run summary is built from.
+            board = ProgressBoard.options(name=board_name, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=False)).remote()
             printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(recs, info, started, perf)).start()
             env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
             env.update(chaos.forwarded_env())  # fault injection (RAYTUNE_LLAMA_STALL) set on the driver
@@ -182,7 +187,10 @@ class LlamaTrainer:
             "data_audit": audit(all_records),
             "checkpoint": checkpoint.path if checkpoint is not None else None,
             "export_path": str(cfg.export_path) if last.get("step") == cfg.train.max_steps else None,
-            "restarts": max(len(starts) - 1, 0),
+            # worker-group restarts after a failure, and grows: Ray Train restarting the group at
+            # a larger world size because capacity came back (elastic runs; not a failure)
+            "restarts": max(len(starts) - 1, 0) - _grows(starts),
+            "grows": _grows(starts),
             # steps computed again after a restart (work lost since the last checkpoint)
             "steps_redone": sum(1 for r in all_records if "event" not in r) - len(records),
             "world_size_history": [e["world_size"] for e in starts],
@@ -195,6 +203,11 @@ class LlamaTrainer:
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
         }
+
+
+def _grows(starts: list[dict]) -> int:
+    """Worker-group starts at a larger world size than the group before."""
+    return sum(1 for a, b in zip(starts, starts[1:]) if b["world_size"] > a["world_size"])
 
 
 def format_summary(summary: dict) -> str:

@@ -2,6 +2,7 @@
 from the latest checkpoint, step through global batches, report, checkpoint, export."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -46,22 +47,31 @@ def _mixed_precision(mode: str, device: torch.device):
     return None
 
 
-def _restore(engine) -> dict:
-    """Load the newest valid checkpoint into the engine, whatever layout, world size or
-    backend saved it; returns its meta (or a fresh one). A corrupt or half-written checkpoint
-    is skipped with a warning (rank 0 verifies, every rank loads the same one)."""
+def _restore(engine, run_dir: Path) -> dict:
+    """Load the newest valid checkpoint of this run into the engine, whatever layout, world
+    size or backend saved it; returns its meta (or a fresh one). Candidates, newest first: every
+    checkpoint_* folder of the run, including one written after the last checkpoint Ray Train
+    registered (Ray commits a reported checkpoint asynchronously: a failure in between would
+    otherwise cost one more checkpoint interval). A corrupt or half-written checkpoint is
+    skipped with a warning; rank 0 verifies, every rank loads the same one."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return {"step": 0, "cursor": 0, "tokens_seen": 0}
-    with checkpoint.as_directory() as directory:
-        latest = Path(directory)
-        older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
-                       reverse=True)
-        chosen, refused = choose_checkpoint([latest, *older])
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
+        registered = Path(directory) if directory else None
+        folder = registered.parent if registered is not None else Path(run_dir)
+        candidates = sorted((p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name,
+                            reverse=True)
+        if registered is not None and registered not in candidates:
+            candidates.insert(0, registered)
+        chosen, refused = choose_checkpoint(candidates)
         for reason in refused:
             log.warning("skipping checkpoint: %s", reason)
+        if chosen is None and refused:
+            raise CheckpointError(f"no valid checkpoint among {[str(p) for p in candidates]}: {refused}")
         if chosen is None:
-            raise CheckpointError(f"no valid checkpoint among {[str(p) for p in (latest, *older)]}: {refused}")
+            return {"step": 0, "cursor": 0, "tokens_seen": 0}
+        if registered is None or chosen.name > registered.name:
+            log.warning("resuming from %s, which Ray Train had not registered yet (last registered: %s)",
+                        chosen, registered)
         return _note_world_size(load_engine_checkpoint(engine, chosen), engine)
 
 
@@ -149,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         betas=t.betas, max_grad_norm=t.max_grad_norm,
         mixed_precision=_mixed_precision(cfg.parallel.mixed_precision, device),
     )
-    meta = _restore(engine)
+    meta = _restore(engine, cfg.run_dir)
     step, cursor, tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
     ck = cfg.checkpoint
     stop_at = min(t.max_steps, step + t.stop_after_steps) if t.stop_after_steps else t.max_steps
