@@ -30,7 +30,7 @@ WORKER_NODE_CPUS = 2
 
 
 def _cfg(tmp, name, *extra):
-    return tiny_run_config(tmp, name, STEPS, "parallel.cpus_per_worker=1.5", "data.id_column=id", *extra)
+    return tiny_run_config(tmp, name, STEPS, "data.id_column=id", "parallel.cpus_per_worker=1.5", *extra)
 
 
 @pytest.fixture(scope="module")
