@@ -77,9 +77,10 @@ def stall_run(tmp: Path, steps: int) -> dict:
     finally:
         del os.environ["RAYTUNE_LLAMA_STALL"]
     starts, stalls = summary["worker_group_start_times"][1:], summary["stalls"]
-    recover = [s - (stalls[0]["time"] - stalls[0]["waited_s"])] if starts and stalls else []
+    # from the moment the rank stopped making progress to the new worker group running
+    recover = starts[0] - (stalls[0]["time"] - stalls[0]["waited_s"]) if starts and stalls else None
     return {"summary": summary, "injected": 1, "survived": summary["restarts"], "rejected": 0,
-            "recover_s": recover[0] if recover else None}
+            "recover_s": recover}
 
 
 def documents_lost_and_duplicated(summary: dict, baseline: dict) -> tuple[int, int]:
