@@ -49,6 +49,15 @@ def latest_checkpoint_step(run_dir):
     return latest["metrics"]["step"]
 
 
+def resumable_step(run_dir):
+    """Step the next run resumes from: the newest complete checkpoint on storage, the one Ray
+    Train registered or a newer one it had not registered yet when the job was stopped."""
+    from raytune_llama.engine.checkpoint import newest_valid_checkpoint
+
+    chosen, _ = newest_valid_checkpoint(sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()), reverse=True))
+    return json.loads((chosen / "meta.json").read_text())["step"] if chosen else None
+
+
 def test_stop_then_resubmit_resumes(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -83,8 +92,8 @@ def test_stop_then_resubmit_resumes(ray_head, tmp_path):
     stop = ray_job(ray_head, "stop", first, timeout=120)
     assert stop.returncode == 0, stop.stderr[-3000:]
     assert jobs.get_job_status(first) == JobStatus.STOPPED, jobs.get_job_logs(first)[-4000:]
-    resume_from = latest_checkpoint_step(run_dir)
-    assert resume_from is not None and resume_from < MAX_STEPS
+    registered, resume_from = latest_checkpoint_step(run_dir), resumable_step(run_dir)
+    assert resume_from is not None and registered <= resume_from < MAX_STEPS, (registered, resume_from)
     logs1 = ray_job(ray_head, "logs", first).stdout
     steps1 = [int(s) for s in STEP_LINE.findall(logs1)]
     assert steps1 and steps1[0] == 1, logs1[-4000:]  # (the last lines printed may trail the checkpoint)
