@@ -70,10 +70,10 @@ def corrupt_run(tmp: Path, steps: int) -> dict:
 
 
 def stall_run(tmp: Path, steps: int) -> dict:
-    """Rank 1 sleeps in step 7 as if stuck in a collective; the 5 s step bound ends it. (Not a
+    """Rank 1 sleeps in step 8 as if stuck in a collective; the 5 s step bound ends it. (Not a
     step right after a checkpoint: that one keeps run.collective_timeout_s, 600 s, because
     its peers may wait there for rank 0's checkpoint upload.)"""
-    os.environ["RAYTUNE_LLAMA_STALL"] = "rank=1,step=7,seconds=600"
+    os.environ["RAYTUNE_LLAMA_STALL"] = "rank=1,step=8,seconds=600"
     try:
         summary = LlamaTrainer(config(tmp, "stall", steps, "run.step_timeout_s=5")).fit()
     finally:
