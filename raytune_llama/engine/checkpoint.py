@@ -69,10 +69,7 @@ def save_training_state(directory: str | os.PathLike, *, model: dict, optimizer:
     _torch_save_atomic(optimizer, d / "optimizer.pt")
     _torch_save_atomic({"torch": torch.get_rng_state()}, d / "rng.pt")
     _write_json_atomic(d / "meta.json", meta)
-    files = {
-        name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)}
-        for name in ("model.pt", "optimizer.pt", "rng.pt", "meta.json")
-    }
+    files = _file_entries(d, ("model.pt", "optimizer.pt", "rng.pt", "meta.json"))
     _write_json_atomic(d / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
     return d
 

@@ -28,6 +28,7 @@ from raytune_llama.engine.checkpoint import (
     save_sharded_training_state,
     save_training_state,
 )
+from raytune_llama.engine.ranks import broadcast_from_rank0, rank_and_world
 from raytune_llama.engine.training_state import gather_full_state
 
 FORMATS = ("full", "sharded")
@@ -43,32 +44,17 @@ def resolve_format(requested: str, plan) -> str:
     return "sharded" if plan.backend == "torch" and shards else "full"
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast_from_rank0(value):
-    """rank 0's value on every rank (a small picklable object)."""
-    if _rank_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def choose_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:
     """The newest candidate that verifies (sizes + SHA-256 of every file, every rank's
     manifest), and why each newer one was refused. Only rank 0 reads and hashes the files
     (a 70B checkpoint is hundreds of GB); the verdict is broadcast, so every rank loads the
     same checkpoint. Needs the checkpoint on storage that every rank sees (shared storage)."""
-    rank, _ = _rank_world()
+    rank, _ = rank_and_world()
     verdict = None
     if rank == 0:
         chosen, refused = newest_valid_checkpoint(list(candidates))
         verdict = (None if chosen is None else str(chosen), refused)
-    chosen, refused = _broadcast_from_rank0(verdict)
+    chosen, refused = broadcast_from_rank0(verdict)
     return (Path(chosen) if chosen else None), refused
 
 
@@ -94,7 +80,7 @@ def save_engine_checkpoint(engine, directory: str | os.PathLike, meta: dict, fmt
     full: the whole state is gathered to rank 0, which writes it."""
     if fmt not in FORMATS:
         raise ValueError(f"checkpoint.format: {fmt!r} is not one of {FORMATS}")
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     meta = {**meta, "format": fmt, "plan": engine.plan.to_dict()}
     if fmt == "sharded":
         model_state, optim_state = engine.get_state(full=False)
@@ -123,7 +109,7 @@ def _background_group():
     """A gloo group of its own for the background writer's collectives, so they never
     interleave with the training step's collectives on the default group."""
     global _checkpoint_group
-    if _checkpoint_group is None and _rank_world()[1] > 1:
+    if _checkpoint_group is None and rank_and_world()[1] > 1:
         _checkpoint_group = dist.new_group(backend="gloo")  # collective: every rank, same point
     return _checkpoint_group
 
@@ -147,6 +133,6 @@ def finish_async_save(pending: PendingSave) -> Path:
     """Collective: wait for this rank's background write, then write the manifests (the
     top-level one last). Returns the checkpoint directory, complete."""
     pending.future.result()
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     return finish_sharded_checkpoint(pending.directory, meta=pending.meta, rng_state=pending.rng_state,
                                      rank=rank, world_size=world, has_optimizer=pending.has_optimizer)

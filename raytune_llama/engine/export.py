@@ -19,13 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from raytune_llama.engine.ranks import rank_and_world
+
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what HF's save_pretrained uses
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _export_dtype(config) -> torch.dtype | None:
@@ -71,7 +67,7 @@ def export_model_streaming(engine, model_path: str, tokenizer, out_dir: str | os
 
     from raytune_llama.engine.parallel.state import iter_full_tensors, is_export_writer
 
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     final = Path(out_dir)
     config = AutoConfig.from_pretrained(model_path)
     dtype = _export_dtype(config)

@@ -27,6 +27,7 @@ from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
 from raytune_llama.engine.lr_schedule import lr_at
 from raytune_llama.engine.export import export_model_streaming
 from raytune_llama.engine.model_io import build_engine
+from raytune_llama.engine.ranks import broadcast_from_rank0
 from raytune_llama.engine.tokenizer_build import load_tokenizer
 from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.trainer.metrics_export import TrainingMetrics
@@ -117,17 +118,6 @@ def _finish_async_report(pending, metrics: dict) -> None:
         shutil.rmtree(pending.directory, ignore_errors=True)
 
 
-def _same_on_every_rank(value):
-    """Rank 0's value, broadcast to the worker group."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _quiet_worker_logs() -> None:
     """Drop per-report INFO lines (Ray logs each report under a file-path logger name) and
     progress bars; the driver prints one progress line per step instead."""
@@ -167,7 +157,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     perf = loop_config.get("performance", {})
     flops_per_token, peak = perf.get("model_flops_per_token"), peak_flops(device)
     exporter = TrainingMetrics(cfg.run.name, perf.get("layout", f"ddp dp={world}")) if rank == 0 else None
-    attempt = _same_on_every_rank(time.time())  # names this worker group in the data audit
+    attempt = broadcast_from_rank0(time.time())  # names this worker group in the data audit
     if rank == 0 and board is not None:
         board.push.remote({"event": "start", "step": step, "world_size": world, "layout": plan.describe(),
                            "time": attempt})

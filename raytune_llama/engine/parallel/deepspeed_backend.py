@@ -68,17 +68,6 @@ def build_deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, 
     return engine
 
 
-def gathered_model_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Full (unsharded) module weights on CPU, on every rank."""
-    import deepspeed
-
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def load_model_state_dict(engine, state: dict[str, torch.Tensor]) -> None:
     """Load full module weights on every rank and refresh DeepSpeed's fp32 master copies."""
     import deepspeed

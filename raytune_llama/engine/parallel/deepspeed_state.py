@@ -23,6 +23,12 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)  # ZeRO-3 keeps only a partition in .data
 
 
+def _persistent_buffers(module):
+    """(name, buffer) of the buffers a state dict holds (not rotary caches and the like)."""
+    persistent = set(module.state_dict().keys())
+    return [(name, buf) for name, buf in module.named_buffers() if name in persistent]
+
+
 def _base_optimizer(ds_engine) -> torch.optim.Optimizer:
     """The torch AdamW DeepSpeed steps on its flat fp32 partitions."""
     return getattr(ds_engine.optimizer, "optimizer", ds_engine.optimizer)
@@ -78,10 +84,8 @@ def get_full_state(ds_engine) -> tuple[dict, dict]:
         else:  # before the first step: what a fresh AdamW holds (also the template DCP loads into)
             moments = {k: torch.zeros(_full_shape(p), dtype=torch.float32) for k in MOMENTS}
         state[name] = {"step": torch.tensor(step), **moments}
-    persistent = set(ds_engine.module.state_dict().keys())
-    for name, buf in ds_engine.module.named_buffers():
-        if name in persistent:
-            model_state[name] = buf.detach().cpu().clone()
+    for name, buf in _persistent_buffers(ds_engine.module):
+        model_state[name] = buf.detach().cpu().clone()
     groups = [{**hp, "params": names} for hp, names in zip(_hyperparams(ds_engine), group_names(ds_engine))]
     return model_state, {"state": state, "param_groups": groups}
 
@@ -144,7 +148,5 @@ def iter_full_tensors(ds_engine):
     for name, p in ds_engine.module.named_parameters():
         full = safe_get_full_fp32_param(p)
         yield name, (full if full is not None else p.detach())
-    persistent = set(ds_engine.module.state_dict().keys())
-    for name, buf in ds_engine.module.named_buffers():
-        if name in persistent:
-            yield name, buf.detach()
+    for name, buf in _persistent_buffers(ds_engine.module):
+        yield name, buf.detach()
