@@ -15,7 +15,10 @@ The planner sees each rank as a device of 1 core (`cores_per_device: 1`) sharing
 Memory measured = VmHWM - VmRSS at the point just before the model is built (after imports and
 process-group init; VmHWM is reset there through /proc/self/clear_refs), max over ranks. The
 planner's runtime reserve is zeroed (profile override runtime_reserved_bytes=0) so that both
-sides count only what the model/engine allocates. Runs are fp32 (1 thread per rank).
+sides count only what the model/engine allocates. Runs are fp32 (1 thread per rank, no autocast:
+the engine gets no mixed_precision), so every record carries `compute_dtype: fp32` and the planner
+is asked with it (fp32 masters and AdamW moments, fp32 compute copies and activations); records
+written before that field existed are the same fp32 runs and are read as fp32.
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ CPU_PROFILE = {"runtime_reserved_bytes": 0}  # measured memory excludes the runt
 # This box's 1-thread fp32 GEMM peak and copy bandwidth as measured with the committed records
 # (bench/cpu_calibrated_host.yaml); used with --from-records when a record does not carry its own.
 RECORDED_HOST = {"peak_flops": 51488017690.999504, "memory_bw": 14247071834.843763, "host_cores": 2}
+COMPUTE_DTYPE = "fp32"  # the engine below runs without mixed_precision: fp32 forward/backward on CPU
 
 # name -> (processes, ParallelPlan kwargs); global batch 8 rows x 128 tokens everywhere.
 LAYOUTS: dict[str, tuple[int, dict]] = {
@@ -252,29 +256,31 @@ def record(name: str, world: int, plan_kw: dict, step_s: float, peak: float | No
 
     return {"name": name, "model": MODEL, "hardware": "cpu", "nodes": 1, "devices_per_node": world,
             "seq_len": SEQ, "global_batch": GLOBAL_ROWS, "layout": ParallelPlan(**plan_kw).to_dict(),
-            "measured_step_time_s": step_s, "measured_peak_memory_bytes": peak, "optimizer": "adamw"}
+            "measured_step_time_s": step_s, "measured_peak_memory_bytes": peak, "optimizer": "adamw",
+            "compute_dtype": COMPUTE_DTYPE}
+
+
+def _estimate(hw, rec: dict):
+    """estimate() of one record with hardware spec `hw`, in the record's precision."""
+    from raytune_llama.planner.api import estimate
+    from raytune_llama.planner.cluster import ClusterSpec
+
+    return estimate(rec["model"], cluster=ClusterSpec(1, rec["devices_per_node"], hw),
+                    workload={"seq_len": rec["seq_len"], "global_batch": rec["global_batch"], "headroom": 0.0,
+                              "optimizer": rec.get("optimizer", "adamw"),
+                              "compute_dtype": rec.get("compute_dtype", COMPUTE_DTYPE)},
+                    layout=rec["layout"])
 
 
 def predict(hw, rec: dict) -> tuple[float, float]:
     """(step time s, peak bytes) from estimate() with hardware spec `hw`."""
-    from raytune_llama.planner.api import estimate
-    from raytune_llama.planner.cluster import ClusterSpec
-
-    est = estimate(rec["model"], cluster=ClusterSpec(1, rec["devices_per_node"], hw),
-                   workload={"seq_len": rec["seq_len"], "global_batch": rec["global_batch"], "headroom": 0.0},
-                   layout=rec["layout"])
+    est = _estimate(hw, rec)
     return est.time.step_time, est.memory.total
 
 
 def predict_terms(hw, rec: dict) -> dict[str, float]:
     """The additive step-time terms (seconds) of estimate() with hardware spec `hw`."""
-    from raytune_llama.planner.api import estimate
-    from raytune_llama.planner.cluster import ClusterSpec
-
-    est = estimate(rec["model"], cluster=ClusterSpec(1, rec["devices_per_node"], hw),
-                   workload={"seq_len": rec["seq_len"], "global_batch": rec["global_batch"], "headroom": 0.0},
-                   layout=rec["layout"])
-    return est.time.terms()
+    return _estimate(hw, rec).time.terms()
 
 
 def errors(pred: list[float], meas: list[float]) -> tuple[float, float]:
@@ -364,6 +370,8 @@ def main() -> None:
     recs = []
     if args.from_records:
         recs = [r for r in json.load(open(args.records)) if r["name"] in names]
+        for r in recs:  # records from before the field: the same fp32 CPU runs
+            r.setdefault("compute_dtype", COMPUTE_DTYPE)
     else:
         mem = {}
         for name in names:  # memory: one fresh group per layout

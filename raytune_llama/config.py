@@ -104,7 +104,13 @@ class ParallelConfig:
     hardware: str = "auto"
     """Planner hardware profile of the workers' devices (auto: cpu without GPUs, else from Ray)."""
     mixed_precision: str = "auto"
-    """auto (bf16 autocast on accelerators, fp32 on CPU) | bf16 | none."""
+    """Compute dtype: auto (bf16 on accelerators, fp32 on CPU) | bf16 | none (fp32)."""
+    master_weights: str = "fp32"
+    """Dtype of the trained weights and the AdamW moments, whatever the checkpoint's dtype:
+    fp32 (default: fp32 masters and optimizer state, bf16 compute per mixed_precision; 16
+    bytes/param before sharding) | bf16 (pure bf16 weights, gradients and moments: 8
+    bytes/param, but updates smaller than bf16's resolution round away, so low learning rates
+    stall; see docs/parallel_engine.md)."""
 
 
 @dataclass

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from raytune_llama.engine.hf_cache import ModelNotFoundError, looks_like_hub_id, resolve_pretrained
 from raytune_llama.presets import known_presets
 
 if TYPE_CHECKING:
@@ -15,6 +16,7 @@ ENUMS = {
     ("data", "format"): ("auto", "jsonl", "parquet", "hf"),
     ("parallel", "hardware"): ("auto", "cpu", "mi250", "mi250x", "mi300x", "h100", "h200", "a100-80gb"),
     ("parallel", "mixed_precision"): ("auto", "bf16", "none"),
+    ("parallel", "master_weights"): ("fp32", "bf16"),
     ("checkpoint", "resume"): ("auto", "never", "must"),
     ("checkpoint", "format"): ("auto", "full", "sharded"),
 }
@@ -63,6 +65,9 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
     layout = cfg.parallel.layout
     if layout is not None and (not isinstance(layout, str) or "=" not in layout):
         problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\" or null to let the planner choose")
+    elif layout is not None and cfg.parallel.master_weights == "bf16" and "backend=deepspeed" in layout.replace(" ", ""):
+        problems.append(f"parallel.master_weights: 'bf16' with parallel.layout {layout!r}: DeepSpeed's bf16 mode "
+                        f"always keeps fp32 master weights; use master_weights: fp32, or a torch layout")
     async_save = cfg.checkpoint.async_save
     if not isinstance(async_save, bool):
         problems.append(f"checkpoint.async_save: {async_save!r} must be true or false")
@@ -111,15 +116,6 @@ def _check_step_timeout(cfg: "Config") -> list[str]:
     return []
 
 
-def looks_like_hub_id(name: str) -> bool:
-    """True for 'org/model' style names that are not local paths."""
-    return (
-        name.count("/") == 1
-        and not name.startswith((".", "/", "~"))
-        and not Path(name).exists()
-    )
-
-
 def _check_model(cfg: "Config") -> list[str]:
     m = cfg.model
     path = Path(m.name_or_path).expanduser()
@@ -141,6 +137,8 @@ def _check_model(cfg: "Config") -> list[str]:
             f"directory, an HF hub id like 'meta-llama/Meta-Llama-3-8B', or set "
             f"model.random_init: tiny-llama to create one"
         )
+    elif m.random_init is None:
+        problems += _check_cached(m.name_or_path, "model.name_or_path")
     if m.tokenizer is not None:
         tok = Path(m.tokenizer).expanduser()
         if not tok.exists() and not looks_like_hub_id(m.tokenizer):
@@ -148,7 +146,18 @@ def _check_model(cfg: "Config") -> list[str]:
                 f"model.tokenizer: {m.tokenizer!r} does not exist; give a tokenizer "
                 f"directory (with tokenizer.json) or an HF hub id"
             )
+        elif not tok.exists():
+            problems += _check_cached(m.tokenizer, "model.tokenizer")
     return problems
+
+
+def _check_cached(hub_id: str, field: str) -> list[str]:
+    """A hub id must already be in the local HF cache (it is never downloaded at run time)."""
+    try:
+        resolve_pretrained(hub_id, field)
+    except ModelNotFoundError as exc:
+        return [str(exc)]
+    return []
 
 
 def resolve_format(path: str, fmt: str) -> str:

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from raytune_llama.config import ConfigError, load_config
+from raytune_llama.versions import TorchVersionError, check_torch_version
 
 
 def register(subparsers) -> None:
@@ -19,13 +20,20 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate the config on the driver, then train."""
+    """Validate the config and the installed torch on the driver, then train."""
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"run.address={args.address}")
     try:
         cfg = load_config(args.config, overrides).validate()
     except ConfigError as exc:
+        print(f"raytune-llama: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # Before any Ray work, so an old torch stops here with the fix instead of in every
+        # worker's engine import (raytune_llama/versions.py).
+        check_torch_version()
+    except TorchVersionError as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
     if args.validate_only:

@@ -28,7 +28,10 @@ def _workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", help="profile YAML adding or overriding a hardware kind (e.g. from calibrate)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
     p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    p.add_argument("--optimizer", default="adamw", help="adamw (mixed precision, default) | adamw_bf16")
+    p.add_argument("--optimizer", default="adamw",
+                   help="adamw (fp32 master weights and moments, default) | adamw_bf16 (pure bf16)")
+    p.add_argument("--compute-dtype", default="bf16",
+                   help="forward/backward dtype: bf16 (accelerators, default) | fp32 (CPU runs, no autocast)")
     p.add_argument("--tp", type=int, help="fix the tensor-parallel degree")
     p.add_argument("--pp", type=int, help="fix the pipeline degree")
     p.add_argument("--no-offload", action="store_true", help="forbid CPU offload of optimizer state")
@@ -48,7 +51,7 @@ def _inputs(args: argparse.Namespace) -> tuple[ClusterSpec, Any]:
             raise PlanError("hardware", None, "no hardware kind given", "pass --hardware mi250 (or --cluster FILE.yaml)")
         cluster = make_cluster(args.hardware, 1 if args.nodes is None else args.nodes, args.devices_per_node, args.profile)
     wl = make_workload(args.global_batch, args.seq_len, args.optimizer, args.tp, args.pp, not args.no_offload,
-                       args.headroom, args.recompute, args.backend)
+                       args.headroom, args.recompute, args.backend, args.compute_dtype)
     return cluster, wl
 
 

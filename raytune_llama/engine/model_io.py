@@ -4,13 +4,17 @@ to a temporary sibling directory first and is renamed into place, so a crash nev
 a half-written model where a loader would find it."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from raytune_llama.engine.hf_cache import resolve_pretrained
 from raytune_llama.engine.tokenizer_build import SHIPPED_TOKENIZER, load_tokenizer
 from raytune_llama.presets import preset_hf_config
+
+log = logging.getLogger(__name__)
 
 
 def _atomic_dir(final: Path, write) -> Path:
@@ -49,11 +53,12 @@ def create_random_model(path: str | os.PathLike, preset: str, seed: int = 0) -> 
 
 
 def ensure_model(name_or_path: str, random_init: str | None, seed: int = 0) -> str:
-    """Return the model to load: creates it from `random_init` when the directory is empty."""
+    """The local folder to load: creates it from `random_init` when the directory is empty;
+    a hub id resolves to its snapshot in the HF cache (engine/hf_cache.py)."""
     path = Path(name_or_path).expanduser()
     if random_init and not (path / "config.json").is_file():
         create_random_model(path, random_init, seed)
-    return str(path.resolve()) if path.exists() else name_or_path
+    return str(resolve_pretrained(name_or_path))
 
 
 def load_model(name_or_path: str, dtype=None):
@@ -74,28 +79,46 @@ def export_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     return _atomic_dir(Path(out_dir), write)
 
 
-def supports_sharded_load(plan) -> bool:
-    """Whether each rank can load only its own shard for this layout (FSDP or TP, torch)."""
-    return plan.backend == "torch" and not (plan.zero_stage == 0 and plan.tp == 1 and plan.dp > 1)
+MASTER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def master_dtype(master_weights: str):
+    """torch dtype of the trained weights and optimizer state (parallel.master_weights)."""
+    import torch
+
+    if master_weights not in MASTER_DTYPES:
+        raise ValueError(f"parallel.master_weights: {master_weights!r} is not one of {sorted(MASTER_DTYPES)}")
+    return getattr(torch, MASTER_DTYPES[master_weights])
 
 
 def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_decay: float,
-                 betas, max_grad_norm: float, mixed_precision: str | None):
-    """The model laid out per `plan` in a ParallelEngine. Where the layout shards the model and
-    the weights are local safetensors, the model is built on the meta device and each rank
-    reads only its own tensors (and slices); otherwise from_pretrained loads it whole."""
+                 betas, max_grad_norm: float, mixed_precision: str | None, master_weights: str = "fp32"):
+    """The model laid out per `plan` in a ParallelEngine, for every layout and backend without
+    any rank holding the whole model in host memory: built on the meta device in the master
+    dtype (fp32 by default, whatever dtype the checkpoint declares), then each rank allocates
+    only what it keeps on its device and reads only those tensors or slices from the
+    safetensors files (DeepSpeed ZeRO-3: DeepSpeed's own partitioned construction). A
+    checkpoint without safetensors (pickled .bin) is loaded whole, with a warning."""
     from transformers import AutoConfig
 
     from raytune_llama.engine.parallel import ParallelEngine
     from raytune_llama.engine.parallel.sharded_load import meta_model
 
+    path = resolve_pretrained(model_path)
+    dtype = master_dtype(master_weights)
+    if master_weights == "bf16" and plan.backend == "deepspeed":
+        raise ValueError("parallel.master_weights: 'bf16' needs backend 'torch' (DeepSpeed's bf16 mode always "
+                         "keeps fp32 master weights); use master_weights: fp32 or a torch layout")
+    # Pure bf16 weights compute in bf16 already: no autocast / mixed-precision policy on top.
+    compute = None if master_weights == "bf16" else mixed_precision
     kwargs = dict(device=device_type, lr=lr, weight_decay=weight_decay, betas=tuple(betas),
-                  max_grad_norm=max_grad_norm or None, mixed_precision=mixed_precision)
-    local = Path(model_path).is_dir() and any(Path(model_path).glob("*.safetensors"))
-    if local and supports_sharded_load(plan):
-        model = meta_model(AutoConfig.from_pretrained(model_path))
-        return ParallelEngine(model, plan, load_from=model_path, **kwargs)
-    return ParallelEngine(load_model(model_path), plan, **kwargs)
+                  max_grad_norm=max_grad_norm or None, mixed_precision=compute)
+    if any(path.glob("*.safetensors")):
+        model = meta_model(AutoConfig.from_pretrained(path), dtype=dtype)
+        return ParallelEngine(model, plan, load_from=str(path), **kwargs)
+    log.warning("%s has no safetensors files: loading the whole model on every rank (convert it with "
+                "save_pretrained(..., safe_serialization=True) to load only each rank's shards)", path)
+    return ParallelEngine(load_model(str(path), dtype=dtype), plan, **kwargs)
 
 
 def hf_model_with(model_path: str, state_dict: dict):

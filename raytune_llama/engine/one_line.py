@@ -108,7 +108,8 @@ def resolve_plan(model_config, explicit=None) -> ParallelPlan:
 
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cluster = {"hardware": hardware_profile_name(device) or "h100", "nodes": 1, "devices_per_node": world}
+    nodes, per_node = _launch_topology(world)
+    cluster = {"hardware": hardware_profile_name(device) or "h100", "nodes": nodes, "devices_per_node": per_node}
     seq_len = min(int(getattr(model_config, "max_position_embeddings", 2048) or 2048), 4096)
     workload = {"seq_len": seq_len, "global_batch": world}
     spec = from_hf_config(model_config.to_dict())
@@ -120,21 +121,45 @@ def resolve_plan(model_config, explicit=None) -> ParallelPlan:
     return plan(spec, cluster=cluster, workload=workload).plan
 
 
+def _launch_topology(world: int) -> tuple[int, int]:
+    """(nodes, devices per node) of the process group, from every rank's host and node rank
+    (NODE_RANK from Ray Train, GROUP_RANK from torchrun), gathered so that every rank plans
+    on the same; one node without a process group."""
+    import socket
+
+    import torch.distributed as dist
+
+    from raytune_llama.planner.cluster import topology_of_ranks
+    from raytune_llama.planner.errors import PlanError
+
+    if world == 1 or not dist.is_initialized():
+        return 1, world
+    keys: list = [None] * world
+    dist.all_gather_object(keys, (socket.gethostname(), os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", ""))))
+    try:
+        return topology_of_ranks(keys)
+    except PlanError as exc:
+        raise ValueError(f"cannot plan a layout for this process group: {exc}") from exc
+
+
 def _from_pretrained(cls, name_or_path, *args, **kwargs):
     """Patched AutoModelForCausalLM.from_pretrained: build the model laid out per the plan."""
     from transformers import AutoConfig
 
+    from raytune_llama.engine.hf_cache import resolve_pretrained
     from raytune_llama.engine.model_io import build_engine
     from raytune_llama.engine.parallel.mesh import init_distributed
 
     opts = _state["options"]
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed(device_type)
-    config = AutoConfig.from_pretrained(name_or_path)
+    path = str(resolve_pretrained(str(name_or_path)))  # a hub id: its snapshot in the HF cache
+    config = AutoConfig.from_pretrained(path)
     plan = resolve_plan(config, opts.get("plan"))
     with _unpatched_from_pretrained():  # the engine loads weights through the real one
-        engine = build_engine(str(name_or_path), plan, device_type=device_type, lr=0.0, weight_decay=0.0,
-                              betas=(0.9, 0.95), max_grad_norm=0.0, mixed_precision=opts.get("mixed_precision"))
+        engine = build_engine(path, plan, device_type=device_type, lr=0.0, weight_decay=0.0,
+                              betas=(0.9, 0.95), max_grad_norm=0.0, mixed_precision=opts.get("mixed_precision"),
+                              master_weights=opts.get("master_weights", "fp32"))
     proxy = ParallelCausalLM(engine, config)
     _state["proxies"].append(proxy)
     log.info("raytune_llama: %s laid out as %s", name_or_path, plan.describe())
@@ -186,13 +211,15 @@ def _tensor_cuda(self, device=None, non_blocking=False, **kwargs):
     return self
 
 
-def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str] = None) -> None:
+def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str] = None,
+                                    master_weights: str = "fp32") -> None:
     """The one line: from here on, AutoModelForCausalLM.from_pretrained returns the model laid
     out per `plan` (a ParallelPlan, dict or layout string), the driver's plan, or the
-    planner's choice for this world size."""
+    planner's choice for this world size; trained in fp32 master weights (or pure bf16 with
+    master_weights="bf16") and computed in `mixed_precision` ("bf16" or None = fp32)."""
     from transformers import AutoModelForCausalLM
 
-    _state["options"] = {"plan": plan, "mixed_precision": mixed_precision}
+    _state["options"] = {"plan": plan, "mixed_precision": mixed_precision, "master_weights": master_weights}
     if _state["enabled"]:
         return
     _state["originals"] = {

@@ -64,7 +64,7 @@ class PlanResult:
             "rejected": self.rejected,
             "model": self.model.to_dict(), "cluster": self.cluster.to_dict(),
             "workload": {"global_batch": self.workload.global_batch, "seq_len": self.workload.seq_len,
-                         "optimizer": self.workload.optimizer,
+                         "optimizer": self.workload.optimizer, "compute_dtype": self.workload.compute_dtype,
                          "headroom": self.workload.constraints.headroom},
             "search": {"evaluated": self.evaluated, "elapsed_s": self.elapsed_s}, "notes": self.notes,
         }

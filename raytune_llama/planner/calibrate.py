@@ -7,7 +7,9 @@ RESULTS.json is a list of records, one per measured run:
     {"model": "llama3-8b", "hardware": "mi250", "nodes": 1, "devices_per_node": 8,
      "seq_len": 4096, "global_batch": 64, "layout": "dp_shard=8,micro_batch_size=2,recompute=full",
      "measured_step_time_s": 21.3, "measured_peak_memory_bytes": 51234567890,
-     "optimizer": "adamw"}          # optimizer optional; peak memory may be null
+     "optimizer": "adamw", "compute_dtype": "bf16"}
+optimizer (default adamw) and compute_dtype (default bf16; "fp32" for runs without autocast, as on
+CPU) are optional and feed the memory model; peak memory may be null.
 Time knobs fitted (log-error least squares, coordinate descent in log space, with a weak pull toward
 the starting values so one record moves mostly the compute factor): efficiency.matmul_max,
 efficiency.memory_bw (elementwise/optimizer kernels), efficiency.network, collective_latency_s (per collective call: separates layouts that issue
@@ -106,7 +108,9 @@ def _cases(records: list[dict[str, Any]]) -> list[tuple]:
     cases = []
     for rec in records:
         model = load_model(rec["model"])
-        wl = make_workload(int(rec["global_batch"]), int(rec["seq_len"]), rec.get("optimizer", "adamw"), headroom=0.0)
+        # The run's precision: fp32 CPU runs (no autocast) must say compute_dtype "fp32".
+        wl = make_workload(int(rec["global_batch"]), int(rec["seq_len"]), rec.get("optimizer", "adamw"), headroom=0.0,
+                           compute_dtype=rec.get("compute_dtype", "bf16"))
         cases.append((model, int(rec["nodes"]), int(rec["devices_per_node"]), wl, rec))
     return cases
 

@@ -5,9 +5,20 @@ Convention for launcher YAMLs: each GPU node type declares `GPU: <devices per no
 custom resource `"accelerator_type:<Ray accelerator name>": 1` (e.g. AMD-Instinct-MI250X-MI250)
 naming the kind. The planner never imports ray: callers pass `ray.cluster_resources()` or
 `ray.nodes()` output in.
+
+Where a run's workers land: `worker_slots` reads how many training workers each node of a
+`ray.nodes()` list can hold, `pack_placement` places the workers as Ray's PACK placement group
+does (the node with the most free slots first, filled as far as it goes, then the next), and
+`placed_topology` turns workers-per-node into the homogeneous nodes x devices_per_node the
+planner plans on. Ray Train numbers ranks node by node, so with g = gcd(workers per node) every
+node boundary falls on a multiple of g: planning on (world / g) nodes x g devices keeps every
+tensor-parallel group (tp divides devices_per_node; tp is the innermost mesh axis, see
+docs/parallel_engine.md) inside one node. `topology_of_ranks` reads the same from the node of
+every rank once the workers run.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -155,3 +166,88 @@ def from_ray_resources(resources: "Mapping[str, Any] | Sequence[Mapping[str, Any
         raise PlanError("ray_nodes", f"{len(alive)} alive nodes", "need >= 1 GPU node, same GPU count and one accelerator type",
                         "plan a homogeneous subset")
     return make_cluster(hardware_from_accelerator_type(kinds.pop()), len(per_node), per_node[0], profile)
+
+
+def _node_resources(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    return node.get("Resources") or node.get("resources") or {}
+
+
+def _alive(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [n for n in nodes if n.get("Alive", n.get("alive", True))]
+
+
+def worker_slots(nodes: Sequence[Mapping[str, Any]], use_gpu: bool, cpus_per_worker: float) -> list[int]:
+    """Training workers each alive node of a ray.nodes() list can hold: with use_gpu its GPUs
+    (at most CPUs / cpus_per_worker), else floor(CPUs / cpus_per_worker)."""
+    if not cpus_per_worker > 0:
+        raise PlanError("parallel.cpus_per_worker", cpus_per_worker, "must be > 0", "set it to e.g. 1")
+    slots = []
+    for node in _alive(nodes):
+        res = _node_resources(node)
+        by_cpu = math.floor(float(res.get("CPU", 0)) / cpus_per_worker + 1e-9)
+        slots.append(min(int(res.get("GPU", 0)), by_cpu) if use_gpu else by_cpu)
+    return slots
+
+
+def hardware_from_ray_nodes(nodes: Sequence[Mapping[str, Any]]) -> str:
+    """Profile name of the accelerator_type:<kind> that the GPU nodes of a ray.nodes() list declare."""
+    kinds = set()
+    for node in _alive(nodes):
+        res = _node_resources(node)
+        if float(res.get("GPU", 0)) > 0:
+            kinds.update(k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:"))
+    if len(kinds) != 1:
+        raise PlanError("ray_nodes", sorted(kinds), "need GPU nodes of exactly one accelerator_type",
+                        "start GPU nodes with an accelerator type (Ray detects it, or --resources "
+                        "'{\"accelerator_type:AMD-Instinct-MI250X-MI250\": 1}'), one kind per run")
+    return hardware_from_accelerator_type(kinds.pop())
+
+
+def pack_placement(slots: Sequence[int], num_workers: int) -> list[int]:
+    """Workers per node (nodes that get none left out) as Ray's PACK placement group places
+    num_workers one-worker bundles: the node with the most free slots first, filled as far as
+    it goes, then the next. Workers beyond the free slots are assumed to arrive on nodes of
+    the largest size seen (an autoscaler adding nodes of that kind), or one per node."""
+    if num_workers < 1:
+        raise PlanError("num_workers", num_workers, "must be a positive integer", "use num_workers >= 1")
+    left, counts = num_workers, []
+    for free in sorted((s for s in slots if s > 0), reverse=True):
+        take = min(free, left)
+        counts.append(take)
+        left -= take
+        if not left:
+            return counts
+    size = max([s for s in slots if s > 0] or [1])
+    while left:
+        counts.append(min(size, left))
+        left -= counts[-1]
+    return counts
+
+
+def placed_topology(counts: Sequence[int]) -> tuple[int, int]:
+    """(nodes, devices_per_node) to plan on for workers placed counts[i] per node, each node's
+    ranks consecutive: devices_per_node = gcd(counts), nodes = sum(counts) / devices_per_node."""
+    if not counts or any(c < 1 for c in counts):
+        raise PlanError("workers_per_node", list(counts), "need >= 1 worker on every listed node",
+                        "list only the nodes that hold workers")
+    per_node = math.gcd(*counts)
+    return sum(counts) // per_node, per_node
+
+
+def topology_of_ranks(node_of_rank: Sequence[str]) -> tuple[int, int]:
+    """(nodes, devices_per_node) from the node id of every rank, in rank order; a node whose
+    ranks are not consecutive is a PlanError (no layout could keep its tp groups in a node)."""
+    runs: list[list] = []
+    for node in node_of_rank:
+        if runs and runs[-1][0] == node:
+            runs[-1][1] += 1
+        else:
+            runs.append([node, 1])
+    seen = [node for node, _ in runs]
+    split = sorted({node for node in seen if seen.count(node) > 1})
+    if split:
+        ranks = {node: [r for r, n in enumerate(node_of_rank) if n == node] for node in split}
+        raise PlanError("worker placement", ranks, "the ranks of a node are not consecutive, so a "
+                        "tensor-parallel or pipeline group could not be kept inside one node",
+                        "start the run with Ray Train's default rank order (ranks grouped by node)")
+    return placed_topology([count for _, count in runs])

@@ -22,6 +22,7 @@ def memory_dict(mem: MemoryBreakdown, limit: float, capacity: float) -> dict[str
     """JSON view of a memory breakdown."""
     return {"total": int(mem.total), "limit": int(limit), "capacity": int(capacity),
             "headroom_bytes": int(capacity - mem.total), "dominant": mem.dominant, "stage": mem.stage,
+            "state_family": mem.state_family,
             "breakdown": {k: int(v) for k, v in mem.terms().items()}}
 
 

@@ -1,9 +1,17 @@
-"""Per-device memory of one layout: model states by sharding, activations by recompute mode,
-logits/loss buffers, pipeline in-flight micro-batches, FSDP gather buffers, comm buffers,
-runtime reserve and fragmentation. Bytes everywhere; the worst pipeline stage is reported.
+"""Per-device memory of one layout: model states by engine family and precision, activations by
+recompute mode, logits/loss buffers, pipeline in-flight micro-batches, FSDP gather buffers, comm
+buffers, runtime reserve and fragmentation. Bytes everywhere; the worst pipeline stage is reported.
 
-Activation bytes per layer per micro-batch (bf16, b sequences of s tokens, width h, kv width
-h_kv, FFN width I), derived for a Llama block with SDPA/flash attention (no s^2 term), no dropout:
+Model states (`model_state_bytes`, the one function both the memory breakdown and the search's
+early rejection use) count every copy the engine keeps of each parameter, per family; the
+bytes-per-parameter table and what each copy is are in docs/planner.md ("Memory model").
+Precision: `Workload.optimizer` fixes the master dtype (adamw: fp32 weights and AdamW moments;
+adamw_bf16: pure bf16 weights, gradients and moments) and `Workload.compute_dtype` the dtype of
+the forward/backward (bf16 on accelerators, fp32 on CPU).
+
+Activation bytes per layer per micro-batch (b sequences of s tokens, width h, kv width h_kv, FFN
+width I; in bf16 elements of 2 bytes, scaled by compute bytes / 2 for fp32 compute), derived for a
+Llama block with SDPA/flash attention (no s^2 term), no dropout:
   none:      12sbh + 4sb*h_kv + 8sbI   (norm in/out x2, q, k, v, attn out; gate, up, silu, mul)
   selective: 8sbh + 4sb*h_kv + 4sbI    (norm outputs and the SwiGLU silu/mul are recomputed)
   full:      2sbh                      (only the layer input; the layer is re-run in backward)
@@ -20,22 +28,36 @@ from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.planner.workload import Workload
 
 GIB = 2**30
-LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, fp32 upcast for the loss, fp32 softmax/grad of logits
+FP32 = 4
+LOSS_FP32_BYTES = 4 + 4  # per logit: the loss's fp32 upcast (log-softmax) and the fp32 grad of the logits
+# DeepSpeed ZeRO defaults the engine keeps (its config sets none of them).
+DS_REDUCE_BUCKET = 5e8   # zero_optimization.reduce_bucket_size, elements
+DS_MAX_LIVE = 1e9        # stage3_max_live_parameters (max_reuse_distance is 1e9 too), elements
+DS_SUB_GROUP = 1e9       # sub_group_size: ZeRO-3 upcasts the gradient partition per sub-group, elements
+
+STATE_FAMILIES = ("single", "ddp", "replicate", "fsdp_zero1", "fsdp_zero2", "fsdp_zero3", "fsdp_pp",
+                  "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def logit_bytes(workload: Workload) -> int:
+    """Bytes per logit on the last stage: compute-dtype logits + fp32 upcast + fp32 grad."""
+    return workload.compute_bytes + LOSS_FP32_BYTES
 
 
 def layer_activation_bytes(model: ModelSpec, seq_len: int, mbs: int, tp: int, recompute: str,
-                           sequence_parallel: bool = True) -> float:
+                           sequence_parallel: bool = True, dtype_bytes: int = 2) -> float:
     """Bytes one decoder layer keeps for backward, per micro-batch, per device."""
     sb = seq_len * mbs
     h, kv, inter = model.hidden_size, model.kv_dim, model.intermediate_size
-    lse = 4.0 * sb * model.num_heads
+    e = dtype_bytes / 2.0  # the coefficients below count bf16 (2-byte) elements
+    lse = 4.0 * sb * model.num_heads  # flash/SDPA logsumexp is fp32 in any compute dtype
     # Without sequence parallel the norm inputs/outputs (and a full-recompute checkpoint) are replicated.
     rep = 1 if (sequence_parallel or tp == 1) else tp
     if recompute == "full":
-        return 2.0 * sb * h * rep / tp
+        return e * 2.0 * sb * h * rep / tp
     if recompute == "selective":
-        return (4.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 4.0 * sb * inter + lse) / tp
-    return (8.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 8.0 * sb * inter + lse) / tp
+        return (e * (4.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 4.0 * sb * inter) + lse) / tp
+    return (e * (8.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 8.0 * sb * inter) + lse) / tp
 
 
 def stage_layers(model: ModelSpec, plan: ParallelPlan) -> int:
@@ -75,6 +97,8 @@ class MemoryBreakdown:
     """Pipeline stage this breakdown belongs to (the one with the highest total)."""
     params_local: float
     """Parameters held by this device's TP/PP slice before data-parallel sharding."""
+    state_family: str = ""
+    """How the engine holds the model states (one of STATE_FAMILIES)."""
 
     @property
     def total(self) -> float:
@@ -106,6 +130,125 @@ def stage_params(model: ModelSpec, plan: ParallelPlan, stage: int) -> float:
     return n / plan.tp
 
 
+def matmul_weights(model: ModelSpec, plan: ParallelPlan, stage: int) -> float:
+    """Parameters of stage `stage` (per device) that bf16 autocast casts and caches: every linear
+    weight (and qkv bias) of its layers and the lm_head; not the embedding lookup or the norms."""
+    n = stage_layers(model, plan) * (model.layer_params - 2 * model.hidden_size)
+    if stage == plan.pp - 1:
+        n += model.vocab_size * model.hidden_size  # lm_head (tied or not, it is an F.linear input)
+    return n / plan.tp
+
+
+@dataclass(frozen=True)
+class ModelStateBytes:
+    """Model-state bytes of one device of one pipeline stage, by the breakdown term they land in."""
+
+    params: float
+    """Every resident copy of the weights: (sharded) masters, unsharded compute copies kept from
+    forward to backward, bf16 autocast casts; DeepSpeed: the module plus its fp32 master partition."""
+    grads: float
+    """Gradients at their peak (unsharded accumulators, shards, DeepSpeed's fp32 step partition)."""
+    optimizer: float
+    """AdamW moments (exp_avg, exp_avg_sq)."""
+    buffers: float
+    """In-flight per-unit buffers: gathered FSDP blocks, one unit's gradient before its reduction,
+    DeepSpeed ZeRO-3 gathered parameters."""
+    comm: float
+    """Gradient buckets: DDP's bucket copy of the gradients, DeepSpeed's reduce bucket."""
+    family: str
+    """One of STATE_FAMILIES."""
+    params_local: float
+    """Parameters of this device's TP/PP slice before data-parallel sharding."""
+
+    @property
+    def total(self) -> float:
+        """All model-state bytes."""
+        return self.params + self.grads + self.optimizer + self.buffers + self.comm
+
+
+def state_family(plan: ParallelPlan) -> str:
+    """How the engine holds model states for this layout (data_parallel.py / deepspeed_backend.py)."""
+    if plan.backend == "deepspeed":
+        return f"deepspeed_zero{max(1, plan.zero_stage)}"
+    if plan.dp == 1:
+        return "single"  # no data-parallel wrapper (tp and/or pp only, or one device)
+    if plan.zero_stage == 0:
+        return "ddp" if plan.tp == 1 and plan.pp == 1 else "replicate"
+    if plan.pp > 1:
+        return "fsdp_pp"
+    return f"fsdp_zero{plan.zero_stage}"
+
+
+def model_state_bytes(model: ModelSpec, plan: ParallelPlan, workload: Workload, stage: int) -> ModelStateBytes:
+    """Parameter, gradient, optimizer and gradient-buffer bytes one device of `stage` allocates."""
+    psi = stage_params(model, plan, stage)
+    fam = state_family(plan)
+    c = workload.compute_bytes   # forward/backward dtype
+    m = workload.master_bytes    # trained weights and AdamW moments (torch AdamW keeps state in the param dtype)
+    if fam.startswith("deepspeed"):
+        return _deepspeed_states(model, plan, workload, psi, fam)
+    g = m  # gradient/reduce dtype: fp32 (MixedPrecisionPolicy reduce_dtype, or fp32 compute), bf16 for pure bf16
+    opt = 2 * m * psi
+    if fam in ("single", "ddp"):
+        # No FSDP: bf16 autocast (fp32 masters only) keeps a cast of every matmul weight until the
+        # autocast region (all micro-batches of the step) exits.
+        cache = 2.0 * matmul_weights(model, plan, stage) if (m == FP32 and c == 2) else 0.0
+        comm = g * psi if fam == "ddp" else 0.0  # DDP buckets: a second copy of the gradients
+        return ModelStateBytes(m * psi + cache, g * psi, opt, 0.0, comm, fam, psi)
+    # FSDP2 (fully_shard / replicate): units are each decoder layer and the stage root
+    # (embedding / final norm / lm_head). Unsharded parameters are separate all-gather outputs
+    # in the compute dtype, even for replicate's one-rank "gather".
+    d = plan.dp_shard if fam != "replicate" else 1
+    layer = model.layer_params / plan.tp
+    root = psi - stage_layers(model, plan) * layer
+    unit = max(layer, root)
+    inflight_grad = (c + g) * unit  # one unit's compute-dtype grads + its reduce-dtype reduce-scatter input
+    if fam == "fsdp_zero3":
+        # reshard_after_forward=True: two blocks gathered (current + prefetch); the root is not
+        # resharded after forward, so it stays gathered from forward to backward.
+        gathered = min(2, stage_layers(model, plan)) * c * layer
+        return ModelStateBytes(m * psi / d + c * root, g * psi / d, opt / d, gathered + inflight_grad, 0.0, fam, psi)
+    # zero 1/2 (reshard_after_forward=False), replicate, and any FSDP under pipeline parallel
+    # (pipelining turns reshard-after-backward off until the last micro-batch): the whole
+    # stage's unsharded compute copy stays resident through forward and backward.
+    accumulates = fam in ("fsdp_pp", "replicate") or (fam == "fsdp_zero1" and plan.grad_accum > 1)
+    # Without gradient sync (zero 1 before the last micro-batch; every pipelined backward) FSDP2
+    # accumulates unsharded gradients in the reduce dtype; the shards replace them unit by unit.
+    grads = g * psi if accumulates else g * psi / d
+    return ModelStateBytes(m * psi / d + c * psi, grads, opt / d, inflight_grad, 0.0, fam, psi)
+
+
+def _deepspeed_states(model: ModelSpec, plan: ParallelPlan, workload: Workload, psi: float,
+                      fam: str) -> ModelStateBytes:
+    # DeepSpeed holds the module in its compute dtype (bf16 mode) and keeps its own fp32 master
+    # partition and fp32 AdamW moments over the partition (also for adamw_bf16: DeepSpeed's
+    # master dtype stays fp32 unless bf16_master_weights_and_grads, which the engine does not set).
+    c = workload.compute_bytes
+    z = int(fam[-1])
+    d = plan.dp if plan.zero_stage >= 1 else 1
+    off = plan.offload  # optimizer offload: fp32 master, moments and fp32 grad partition on the host
+    params = c * psi / (d if z == 3 else 1) + (0.0 if off else FP32 * psi / d)
+    if z == 1:
+        grads = c * psi  # module-dtype .grad accumulates unpartitioned until the boundary
+    else:
+        grads = 0.0 if off else c * psi / d  # partitioned gradient buffer (host with offload)
+    if not off:  # the fp32 gradient partition step() builds for the optimizer
+        grads += FP32 * (min(psi / d, DS_SUB_GROUP) if z == 3 else psi / d)
+    optimizer = 0.0 if off else 2 * FP32 * psi / d
+    buffers = c * min(DS_MAX_LIVE, psi) if z == 3 else 0.0  # ZeRO-3 parameters gathered at the fwd/bwd turn
+    # The reduce bucket (contiguous_gradients) is filled to at most all the gradients; offloaded
+    # ZeRO-1/2 also stage one parameter's gradient on the device.
+    comm = c * min(DS_REDUCE_BUCKET, psi)
+    if off and z < 3:
+        comm += c * max(model.vocab_size * model.hidden_size, model.hidden_size * model.intermediate_size)
+    return ModelStateBytes(params, grads, optimizer, buffers, comm, fam, psi)
+
+
+def model_state_peak(model: ModelSpec, plan: ParallelPlan, workload: Workload) -> float:
+    """Largest model-state bytes over the first and last pipeline stage."""
+    return max(model_state_bytes(model, plan, workload, s).total for s in {0, plan.pp - 1})
+
+
 def memory_breakdown(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
                      plan: ParallelPlan) -> MemoryBreakdown:
     """Memory of the worst pipeline stage (first and last are the candidates)."""
@@ -122,37 +265,24 @@ def memory_breakdown(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
 def _stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan,
                   stage: int) -> MemoryBreakdown:
     hw = cluster.hardware
-    w_b, g_b, o_b = workload.bytes_per_param
-    psi = stage_params(model, plan, stage)
-    d = plan.dp_shard
-    z = plan.zero_stage
-    params = w_b * psi / (d if z >= 3 else 1)
-    grads = g_b * psi / (d if z >= 2 else 1)
-    # DeepSpeed CPU offload moves fp32 master + moments to the host.
-    optimizer = 0.0 if plan.offload else o_b * psi / (d if z >= 1 else 1)
-    fsdp = 0.0
-    if z >= 3 and d > 1:
-        # Two blocks gathered (current + prefetch) and one block's unsharded grads before reduce-scatter.
-        unit = model.layer_params / plan.tp
-        if stage in (0, plan.pp - 1):
-            unit = max(unit, model.vocab_size * model.hidden_size / plan.tp)
-        fsdp = (2 * w_b + g_b) * unit
+    st = model_state_bytes(model, plan, workload, stage)
+    c = workload.compute_bytes
     s, b = workload.seq_len, plan.micro_batch_size
     sp = plan.sequence_parallel
-    per_layer = layer_activation_bytes(model, s, b, plan.tp, plan.recompute, sp)
-    working = layer_activation_bytes(model, s, b, plan.tp, "none", sp)  # the layer being (re)computed
+    per_layer = layer_activation_bytes(model, s, b, plan.tp, plan.recompute, sp, c)
+    working = layer_activation_bytes(model, s, b, plan.tp, "none", sp, c)  # the layer being (re)computed
     acts = (per_layer * stage_layers(model, plan) * inflight_microbatches(plan, stage) + working)
     acts *= hw.activation_scale
     logits = 0.0
     if stage == plan.pp - 1:
-        logits = LOGIT_BYTES * s * b * model.vocab_size / plan.tp * hw.activation_scale
-    # Gradient-reduction buckets (2 x 25M elements cap) and pipeline send/recv buffers.
-    comm = 2 * min(g_b * psi, 50e6)
-    if plan.pp > 1:
-        comm += 4 * 2.0 * s * b * model.hidden_size / plan.tp
-    frag = hw.fragmentation * (acts + logits + fsdp)
-    return MemoryBreakdown(params, grads, optimizer, fsdp, acts, logits, comm, hw.runtime_reserved_bytes,
-                           frag, stage, psi)
+        # Vocab-sharded through the loss under tp (loss parallel): V/tp columns per rank.
+        logits = logit_bytes(workload) * s * b * model.vocab_size / plan.tp * hw.activation_scale
+    comm = st.comm
+    if plan.pp > 1:  # pipeline send/recv buffers: activations and their grads, both directions
+        comm += 4 * c * s * b * model.hidden_size / plan.tp
+    frag = hw.fragmentation * (acts + logits + st.buffers)
+    return MemoryBreakdown(st.params, st.grads, st.optimizer, st.buffers, acts, logits, comm,
+                           hw.runtime_reserved_bytes, frag, stage, st.params_local, st.family)
 
 
 def memory_limit(cluster: ClusterSpec, workload: Workload) -> float:

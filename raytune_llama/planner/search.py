@@ -1,14 +1,17 @@
 """Layout search: enumerate degree factorizations (tp inside a node, pp <= layers, dp dividing
 the global batch), then ZeRO stage / HSDP split, micro-batch (divisors of the per-dp batch only),
-schedule, recompute and offload; reject on model-state memory before looking at activations,
-and stop growing the micro-batch at the first one that does not fit (memory grows with it).
+schedule, recompute and offload; reject a family on model-state memory (memory_model's
+`model_state_bytes`, the same function the memory breakdown uses) before looking at
+activations, and stop growing the micro-batch at the first one that does not fit (memory grows
+with it; FSDP2 ZeRO-1 also tries grad_accum == 1, where its gradients are sharded at once).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from raytune_llama.planner.cluster import ClusterSpec
-from raytune_llama.planner.memory_model import MemoryBreakdown, memory_breakdown, memory_limit
+from raytune_llama.planner.memory_model import (MemoryBreakdown, memory_breakdown, memory_limit, model_state_peak,
+                                                 state_family)
 from raytune_llama.planner.model_spec import ModelSpec
 from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.planner.rules import tp_violation
@@ -121,6 +124,24 @@ def schedule_options(model: ModelSpec, pp: int, ga: int) -> list[tuple[str, int]
     return opts
 
 
+def family_floor(model: ModelSpec, cluster: ClusterSpec, workload: Workload, base: ParallelPlan,
+                 mbs_opts: list[int], limit: float) -> tuple[bool, ParallelPlan, MemoryBreakdown, int]:
+    """Whether the smallest-memory member of a layout family fits: (fits, that member, its memory,
+    breakdowns computed). `base` is the family at micro-batch 1 with full recompute; model states
+    are checked first, with the same model_state_bytes the breakdown adds up."""
+    per_dp = base.micro_batch_size * base.grad_accum
+    variants = [base]
+    if state_family(base) == "fsdp_zero1" and per_dp > 1 and per_dp in mbs_opts:
+        # grad_accum == 1: no micro-batch runs without gradient sync, so no unsharded accumulators.
+        variants.append(replace(base, micro_batch_size=per_dp, grad_accum=1))
+    states = min(model_state_peak(model, v, workload) for v in variants)
+    if states + cluster.hardware.runtime_reserved_bytes > limit:
+        return False, base, memory_breakdown(model, cluster, workload, base), 1
+    mems = [(memory_breakdown(model, cluster, workload, v), v) for v in variants]
+    mem, plan = min(mems, key=lambda x: x[0].total)
+    return mem.total <= limit, plan, mem, len(mems)
+
+
 def search(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -> SearchOutcome:
     """Evaluate every legal layout that survives memory pruning; candidates come back sorted."""
     out = SearchOutcome()
@@ -135,13 +156,18 @@ def search(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -> Search
                                 pp=pp, micro_batch_size=1, grad_accum=per_dp, recompute="full",
                                 offload=offload, backend=backend)
             # Cheapest-memory variant first: if even it does not fit, the whole family is out.
-            smallest = memory_breakdown(model, cluster, workload, base)
-            out.evaluated += 1
-            if smallest.total > limit:
-                out.oom.append((base, smallest, None))
+            fits, smallest_plan, smallest, n = family_floor(model, cluster, workload, base, mbs_opts, limit)
+            out.evaluated += n
+            if not fits:
+                out.oom.append((smallest_plan, smallest, None))
                 continue
+            # FSDP2 ZeRO-1's gradients shrink at grad_accum == 1: try it even after a smaller
+            # micro-batch stopped fitting.
+            ga1_last = state_family(base) == "fsdp_zero1" and mbs_opts[-1] == per_dp
             for recompute in recomputes:
-                for mbs in mbs_opts:
+                i = 0
+                while i < len(mbs_opts):
+                    mbs = mbs_opts[i]
                     ga = per_dp // mbs
                     fits_any = False
                     for sched, v in schedule_options(model, pp, ga):
@@ -158,7 +184,11 @@ def search(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -> Search
                         fits_any = True
                         out.feasible.append(Candidate(plan, mem, step_time(model, cluster, workload, plan)))
                     if not fits_any:
+                        if ga1_last and i < len(mbs_opts) - 1:
+                            i = len(mbs_opts) - 1
+                            continue
                         break  # activation memory only grows with the micro-batch
+                    i += 1
     out.feasible.sort(key=Candidate.sort_key)
     return out
 
@@ -168,10 +198,12 @@ def fits_somewhere(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -
     limit = memory_limit(cluster, workload)
     scratch = SearchOutcome()
     for tp, pp, dp in degree_options(model, cluster, workload, scratch):
+        per_dp = workload.global_batch // dp
+        mbs_opts = [b for b in divisors(per_dp) if b <= MAX_MBS]
         for rep, shard, zero, offload, backend in shard_options(cluster, workload, tp, pp, dp):
             plan = ParallelPlan(dp_replicate=rep, dp_shard=shard, zero_stage=zero, tp=tp, sequence_parallel=tp > 1,
-                                pp=pp, micro_batch_size=1, grad_accum=workload.global_batch // dp,
+                                pp=pp, micro_batch_size=1, grad_accum=per_dp,
                                 recompute=workload.constraints.recompute or "full", offload=offload, backend=backend)
-            if memory_breakdown(model, cluster, workload, plan).total <= limit:
+            if family_floor(model, cluster, workload, plan, mbs_opts, limit)[0]:
                 return True
     return False

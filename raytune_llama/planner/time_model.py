@@ -185,9 +185,11 @@ def step_time(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: 
     head = 3.0 * head_f + ce + hw.layer_overhead_s  # embedding + head dispatch counts as one layer
     comp_mb = nl * (lt.fwd + lt.bwd) + head
     rec_mb = nl * lt.recompute
-    # Embedding (fwd all-reduce / SP reduce-scatter) and lm_head (input gather, logits gather,
-    # input-grad reduction) add 3 TP calls per micro-batch, 4 with SP.
-    tp_head_calls = (4 if sp else 3) if t > 1 else 0
+    # Embedding (fwd all-reduce / SP reduce-scatter), lm_head (input-grad reduction; SP: input
+    # all-gather too) and the vocab-parallel cross-entropy (all-reduces of the max, the sum of
+    # exponentials and the target logit: the logits are never gathered) add 5 TP calls per
+    # micro-batch, 6 with SP.
+    tp_head_calls = (6 if sp else 5) if t > 1 else 0
     tp_mb = nl * lt.tp_comm + tp_head_calls * call_latency(hw, t) * (1.0 - e.tp_overlap)
     p2p_mb = 0.0
     if p > 1:

@@ -1,5 +1,5 @@
-"""Workload: what one optimizer step must process (global batch x sequence length), the optimizer,
-and the user's constraints on the layout."""
+"""Workload: what one optimizer step must process (global batch x sequence length), the precision
+(optimizer = master dtype, compute dtype) and the user's constraints on the layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,11 +7,13 @@ from typing import Any, Mapping
 
 from raytune_llama.planner.errors import PlanError
 
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 OPTIMIZERS = {
-    # bytes per parameter: (weights, grads, optimizer states incl. fp32 master)
-    "adamw": (2, 2, 12),        # bf16 weights+grads, fp32 master/m/v (mixed precision)
-    "adamw_bf16": (2, 2, 4),    # pure bf16: weights, grads, m, v all bf16
+    # optimizer -> master dtype: the trained weights and the AdamW moments (parallel.master_weights)
+    "adamw": "fp32",        # fp32 master weights + fp32 moments; compute in compute_dtype
+    "adamw_bf16": "bf16",   # pure bf16: weights, grads and moments all bf16, computed in bf16
 }
+COMPUTE_DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -35,13 +37,20 @@ class Workload:
     """Sequences per optimizer step (kept identical at every world size)."""
     seq_len: int
     optimizer: str = "adamw"
-    """adamw (mixed precision, 16 B/param) | adamw_bf16 (pure bf16, 8 B/param)."""
+    """adamw (fp32 master weights and moments) | adamw_bf16 (pure bf16 weights, grads and moments)."""
     constraints: Constraints = field(default_factory=Constraints)
+    compute_dtype: str = "bf16"
+    """Forward/backward dtype: bf16 (accelerators) | fp32 (CPU runs: no autocast)."""
 
     @property
-    def bytes_per_param(self) -> tuple[int, int, int]:
-        """(weights, grads, optimizer) bytes per parameter."""
-        return OPTIMIZERS[self.optimizer]
+    def master_bytes(self) -> int:
+        """Bytes of one master weight (and of one AdamW moment): 4 for adamw, 2 for adamw_bf16."""
+        return DTYPE_BYTES[OPTIMIZERS[self.optimizer]]
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes of one element of the forward/backward (activations, logits, gathered weights)."""
+        return DTYPE_BYTES[self.compute_dtype]
 
 
 def _pos_int(field_name: str, value: Any, flag: str) -> int:
@@ -52,7 +61,8 @@ def _pos_int(field_name: str, value: Any, flag: str) -> int:
 
 def make_workload(global_batch: int, seq_len: int, optimizer: str = "adamw", tp: int | None = None,
                   pp: int | None = None, allow_offload: bool = True, headroom: float = 0.05,
-                  recompute: str | None = None, backend: str | None = None) -> Workload:
+                  recompute: str | None = None, backend: str | None = None,
+                  compute_dtype: str = "bf16") -> Workload:
     """Validate and build a Workload; every error names the flag to fix."""
     _pos_int("global_batch", global_batch, "--global-batch")
     _pos_int("seq_len", seq_len, "--seq-len")
@@ -64,6 +74,15 @@ def make_workload(global_batch: int, seq_len: int, optimizer: str = "adamw", tp:
     optimizer = aliases.get(optimizer, optimizer)
     if optimizer not in OPTIMIZERS:
         raise PlanError("optimizer", optimizer, "unknown optimizer", f"use one of {sorted(OPTIMIZERS)}")
+    dtype_aliases = {"bfloat16": "bf16", "float32": "fp32"}
+    if isinstance(compute_dtype, str):
+        compute_dtype = dtype_aliases.get(compute_dtype, compute_dtype)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise PlanError("compute_dtype", compute_dtype, "unknown compute dtype",
+                        "pass --compute-dtype bf16 (accelerators) or --compute-dtype fp32 (CPU runs)")
+    if OPTIMIZERS[optimizer] == "bf16" and compute_dtype != "bf16":
+        raise PlanError("compute_dtype", compute_dtype, "pure bf16 weights (optimizer adamw_bf16) compute in bf16",
+                        "pass --compute-dtype bf16, or --optimizer adamw for fp32 master weights")
     if not isinstance(headroom, (int, float)) or not 0 <= headroom < 0.9:
         raise PlanError("headroom", headroom, "must be a fraction in [0, 0.9)", "pass --headroom 0.1 for 10%")
     if recompute is not None and recompute not in ("none", "selective", "full"):
@@ -71,7 +90,7 @@ def make_workload(global_batch: int, seq_len: int, optimizer: str = "adamw", tp:
     if backend is not None and backend not in ("torch", "deepspeed"):
         raise PlanError("backend", backend, "unknown backend", "use torch | deepspeed")
     return Workload(global_batch, seq_len, optimizer,
-                    Constraints(tp, pp, bool(allow_offload), float(headroom), recompute, backend))
+                    Constraints(tp, pp, bool(allow_offload), float(headroom), recompute, backend), compute_dtype)
 
 
 def as_workload(workload: "Workload | Mapping[str, Any] | None" = None, **kwargs: Any) -> Workload:

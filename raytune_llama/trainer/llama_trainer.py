@@ -58,9 +58,10 @@ class LlamaTrainer:
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        from raytune_llama.engine.hf_cache import resolve_pretrained
         from raytune_llama.engine.model_io import ensure_model
         from raytune_llama.trainer.data_pipeline import build_packed_dataset
-        from raytune_llama.trainer.planning import admissible_world_sizes, make_run_plan
+        from raytune_llama.trainer.planning import elastic_world_sizes, make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
         from raytune_llama.trainer.user_loop import user_loop_env
 
@@ -73,21 +74,24 @@ class LlamaTrainer:
         )
         try:
             model_path = ensure_model(cfg.model.name_or_path, cfg.model.random_init, cfg.model.seed)
-            tokenizer_path = cfg.model.tokenizer or model_path
+            # A hub id resolves to its snapshot in the HF cache, as the model does.
+            tokenizer_path = str(resolve_pretrained(cfg.model.tokenizer, "model.tokenizer")) if cfg.model.tokenizer \
+                else model_path
             # The layout is settled before any data is read: a bad layout fails in seconds.
-            run_plan = make_run_plan(cfg, model_path, ray.cluster_resources())
+            # Planned on the cluster Ray gives the run: nodes, devices per node and accelerator
+            # from ray.nodes(), the workers placed as Ray Train places them (trainer/planning.py).
+            ray_nodes = ray.nodes()
+            run_plan = make_run_plan(cfg, model_path, ray_nodes)
             perf = run_plan.performance()
             print(f"[raytune_llama] layout ({run_plan.source}): {run_plan.plan.describe()} on "
-                  f"{cfg.parallel.num_workers} {run_plan.hardware} worker(s)", flush=True)
+                  f"{run_plan.cluster.describe()}", flush=True)
             workers = p.num_workers
             if p.min_workers is not None and p.min_workers < p.num_workers:
-                sizes = admissible_world_sizes(cfg, model_path)
+                # Every size in the range must have a layout: Ray Train may start or resize at any.
+                sizes = elastic_world_sizes(cfg, model_path, ray_nodes)
                 print(f"[raytune_llama] elastic: {p.min_workers}..{p.num_workers} workers; the global batch "
                       f"of {cfg.train.global_batch_size} is kept at sizes {sorted(sizes)}", flush=True)
-                if not sizes:
-                    raise ConfigError([f"parallel.min_workers: no world size in {p.min_workers}..{p.num_workers} "
-                                       f"keeps train.global_batch_size={cfg.train.global_batch_size}"])
-                workers = (min(sizes), max(sizes))
+                workers = (p.min_workers, p.num_workers)
             try:
                 dataset, info = build_packed_dataset(cfg.data, tokenizer_path)
             except ValueError as exc:  # e.g. an empty dataset, or a column that is not there
@@ -116,6 +120,7 @@ class LlamaTrainer:
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
                     "export_path": str(cfg.export_path), "num_samples": info.num_samples,
                     "progress_board": board, "performance": perf, "plan": run_plan.plan.to_dict(),
+                    "cluster": run_plan.cluster.to_dict(),  # what the plan assumed; the workers check it
                 }
             else:
                 loop_config = {**user_args, "model_path": model_path, "tokenizer_path": tokenizer_path}
@@ -127,6 +132,7 @@ class LlamaTrainer:
                 scaling_config=ScalingConfig(
                     num_workers=workers, use_gpu=p.use_gpu,
                     resources_per_worker={"CPU": p.cpus_per_worker},
+                    placement_strategy="PACK",  # the placement the driver plans on (planner/cluster.py)
                     elastic_resize_monitor_interval_s=p.resize_check_s,
                 ),
                 run_config=RunConfig(
@@ -146,7 +152,7 @@ class LlamaTrainer:
                 records = printer.stop()
                 ray.kill(board)
             summary = self._summary(records, result, info, time.time() - started)
-            summary["layout"] = perf["layout"]
+            summary["layout"] = _layout_run(summary, perf)
         finally:
             if own_cluster:
                 ray.shutdown()
@@ -156,7 +162,7 @@ class LlamaTrainer:
     def _report_now(self, all_records: list[dict], info, started: float, perf: dict) -> None:
         """summary.json + loss.png as of a checkpoint (the final report overwrites them)."""
         summary = self._summary(all_records, None, info, time.time() - started)
-        summary["layout"] = perf["layout"]
+        summary["layout"] = _layout_run(summary, perf)
         write_run_report(self.config.run_dir, summary, merge_step_history(self.config.run_dir, step_records(all_records)))
 
     def _summary(self, all_records: list[dict], result, info, wall_s: float) -> dict:
@@ -203,6 +209,12 @@ class LlamaTrainer:
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
         }
+
+
+def _layout_run(summary: dict, perf: dict) -> str:
+    """The layout the last worker group ran (re-planned there after a resize or on another
+    placement than the driver planned for), else the driver's."""
+    return next((layout for layout in reversed(summary["layout_history"]) if layout), perf["layout"])
 
 
 def _grows(starts: list[dict]) -> int:

@@ -29,9 +29,8 @@ from raytune_llama.engine.export import export_model_streaming
 from raytune_llama.engine.model_io import build_engine
 from raytune_llama.engine.ranks import broadcast_from_rank0
 from raytune_llama.engine.tokenizer_build import load_tokenizer
-from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.trainer.metrics_export import TrainingMetrics
-from raytune_llama.trainer.planning import at_world_size, make_run_plan
+from raytune_llama.trainer.planning import compute_dtype, plan_on_workers, record_placement
 from raytune_llama.trainer.batches import iter_global_batches, rank_slice, ray_epoch_batches
 from raytune_llama.trainer.chaos import stall_if_injected
 from raytune_llama.trainer.data_audit import data_record
@@ -42,10 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def _mixed_precision(mode: str, device: torch.device):
-    """bf16 on accelerators ("auto"), fp32 on CPU, or as configured."""
-    if mode == "bf16" or (mode == "auto" and device.type != "cpu"):
-        return "bf16"
-    return None
+    """bf16 on accelerators ("auto"), fp32 on CPU, or as configured (planning.compute_dtype)."""
+    return "bf16" if compute_dtype(mode, device.type != "cpu") == "bf16" else None
 
 
 def _restore(engine, run_dir: Path) -> dict:
@@ -136,19 +133,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    plan = ParallelPlan.from_dict(loop_config["plan"])
-    if plan.world_size != world:
-        # Elastic resize: this worker group is another size than the driver planned for.
-        # Re-plan here (same planner, same inputs); the global batch stays the same.
-        new = make_run_plan(at_world_size(cfg, world), loop_config["model_path"]).plan
-        log.warning("re-planned for %d workers: %s -> %s", world, plan.describe(), new.describe())
-        plan = new
+    # The driver's plan, unless this worker group is another size (elastic resize) or Ray
+    # placed it on other nodes x devices than the driver planned for: then re-planned here on
+    # the actual placement (same planner, same inputs on every rank; the global batch stays).
+    plan, placement, replanned = plan_on_workers(cfg, loop_config, world)
+    if replanned is not None:
+        loop_config["performance"] = {**loop_config.get("performance", {}), **replanned.performance()}
     t = cfg.train
     engine = build_engine(
         loop_config["model_path"], plan, device_type=device.type, lr=t.lr, weight_decay=t.weight_decay,
         betas=t.betas, max_grad_norm=t.max_grad_norm,
         mixed_precision=_mixed_precision(cfg.parallel.mixed_precision, device),
+        master_weights=cfg.parallel.master_weights,
     )
+    record_placement(cfg.run_dir, placement, plan, engine)  # RUN_DIR/placement.json: node and tp group per rank
     meta = _restore(engine, cfg.run_dir)
     step, cursor, tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
     ck = cfg.checkpoint

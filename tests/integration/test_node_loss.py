@@ -8,23 +8,18 @@ a worker node mid-step, goes on with one worker from the last committed checkpoi
 back to two workers when a node is added again. It finishes at its target step, with every
 step's loss equal to an uninterrupted run's."""
 import json
-import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
 import numpy as np
 import pytest
 import ray
 
 from raytune_llama.trainer.llama_trainer import LlamaTrainer
-from tests.integration.conftest import free_port
+from tests.integration.multinode import LOCAL, local_cluster
 from tests.integration.tiny_run import tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-LOCAL = "127.0.0.1"
 STEPS, EVERY = 48, 2  # enough steps for the one-worker phase to outlast adding a node
 WORKER_NODE_CPUS = 2
 
@@ -35,46 +30,11 @@ def _cfg(tmp, name, *extra):
 
 @pytest.fixture(scope="module")
 def node_cluster():
-    """The cluster for this module. The driver is reconnected afterwards to the cluster it was
-    connected to before (the session head, when an earlier module used it); the token-auth
-    settings that head put in os.environ then apply to these nodes as well."""
-    from ray.cluster_utils import Cluster
-
-    previous = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-    ray.shutdown()
-    # Sessions and the "current cluster" address file in a temp dir of our own, so that
-    # `ray.init(address="auto")` elsewhere on the machine never finds this cluster.
-    temp_dir = tempfile.mkdtemp(prefix="rtn", dir="/tmp")
-    names = ("RAY_TMPDIR", "RAY_USAGE_STATS_ENABLED", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
-    saved = {name: os.environ.get(name) for name in names}
-    # A restart sized from a node view that still lists the lost node waits this long for
-    # resources that are gone before it is sized again (Ray's default: 60 s).
-    os.environ.update(RAY_TMPDIR=temp_dir, RAY_USAGE_STATS_ENABLED="0", RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5")
-    cluster = None
-    try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "node_ip_address": LOCAL, "include_dashboard": False,
-            "dashboard_agent_listen_port": free_port()})
-        for _ in range(2):
-            cluster.add_node(num_cpus=WORKER_NODE_CPUS, node_ip_address=LOCAL)
-        cluster.wait_for_nodes()
-        # The nodes listen on 127.0.0.1 only, but ray.init turns a loopback address into this
-        # host's outward IP (right for `ray start` heads, which listen on every interface).
-        with mock.patch.object(ray._private.services, "resolve_ip_for_localhost", lambda host: host):
-            ray.init(address=cluster.address, log_to_driver=False)
+    """A 1-CPU head and two 2-CPU worker nodes (tests/integration/multinode.py). A restart sized
+    from a node view that still lists the lost node waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S
+    for resources that are gone before it is sized again (Ray's default: 60 s)."""
+    with local_cluster(2, WORKER_NODE_CPUS, "rtn", {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "5"}) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        if previous:
-            ray.init(address=previous, log_to_driver=False)
 
 
 def _refresh_node_view() -> None:

@@ -1,6 +1,12 @@
 """Numerics harness: run parallel layouts in spawned gloo process groups and a single-process
 reference on the same tiny Llama, seed and data, and return per-step losses.
 
+A layout is `(name, ParallelPlan kwargs)` or `(name, ParallelPlan kwargs, options)` with
+option `mixed_precision` (ParallelEngine's "bf16" | None). The reference takes it too: with
+"bf16" it mirrors the engine's mixed precision (fp32 master weights, forward and loss under
+torch.autocast(cpu, bf16), fp32 AdamW); its `model` option overrides the LlamaConfig (e.g. a
+vocabulary that tp does not divide).
+
 Several layouts run one after another inside ONE spawned group (spawning + importing torch /
 transformers / deepspeed is the dominant cost on a 2-core machine).
 Run: TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m pytest tests/numerics -q -s
@@ -25,21 +31,22 @@ GLOBAL_ROWS = 8
 HP = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), max_grad_norm=1.0)
 
 
-def tiny_config():
+def tiny_config(**overrides):
     """The 4-layer, 64-wide Llama used by every numerics test (GQA: 4 heads, 2 kv heads)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                       tie_word_embeddings=False, attn_implementation="sdpa")
+    kwargs = dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                  tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaConfig(**{**kwargs, **overrides})
 
 
-def tiny_model():
+def tiny_model(**overrides):
     """Random-init tiny Llama from a fixed seed (identical in every process)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    return LlamaForCausalLM(tiny_config()).float()
+    return LlamaForCausalLM(tiny_config(**overrides)).float()
 
 
 def global_batches(steps: int = STEPS, rows: int = GLOBAL_ROWS, seq: int = SEQ_LEN) -> list[dict]:
@@ -62,25 +69,35 @@ def weight_checksums(state: dict) -> dict[str, float]:
     return {k: float(v.detach().double().abs().sum()) for k, v in state.items()}
 
 
-def reference_run(steps: int = STEPS) -> tuple[list[float], dict[str, float]]:
+def reference_run(steps: int = STEPS, mixed_precision: str | None = None,
+                  model: dict | None = None) -> tuple[list[float], dict[str, float]]:
     """Plain HF LlamaForCausalLM + torch AdamW + clip_grad_norm_ on the whole global batch:
     (per-step losses, final weight checksums)."""
+    trace = reference_trace(steps, mixed_precision, model)
+    return trace["losses"], trace["checksums"]
+
+
+def reference_trace(steps: int = STEPS, mixed_precision: str | None = None, model: dict | None = None) -> dict:
+    """reference_run's losses, pre-clip gradient norms and final weight checksums, as a dict."""
     from raytune_llama.engine.parallel.optim import adamw_param_groups
 
     torch.set_num_threads(1)
-    model = tiny_model()
-    opt = torch.optim.AdamW(adamw_param_groups(model.named_parameters(), HP["weight_decay"]),
+    net = tiny_model(**(model or {}))
+    opt = torch.optim.AdamW(adamw_param_groups(net.named_parameters(), HP["weight_decay"]),
                             lr=HP["lr"], betas=HP["betas"])
-    losses = []
+    # bf16: fp32 master weights and optimizer; forward and loss under CPU autocast.
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    losses, grad_norms = [], []
     for batch in global_batches(steps):
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        with autocast:
+            loss = net(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         loss.backward()
         loss = loss.detach()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), HP["max_grad_norm"])
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), HP["max_grad_norm"])))
         opt.step()
         losses.append(float(loss))
-    return losses, weight_checksums(model.state_dict())
+    return {"losses": losses, "grad_norms": grad_norms, "checksums": weight_checksums(net.state_dict())}
 
 
 def _free_port() -> int:
@@ -92,7 +109,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_prefix: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)  # 2 cores shared by up to 4 ranks
+    torch.set_num_threads(1)  # 2 cores shared by up to 8 ranks
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated c10d calls
@@ -105,11 +122,13 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
     batches = global_batches(steps)
     results = {}
-    for name, plan_dict in layouts:
+    for name, plan_dict, *opts in layouts:
+        options = opts[0] if opts else {}
         t0 = time.time()
         failed = False
         try:
-            engine = ParallelEngine(tiny_model(), ParallelPlan(**plan_dict), device="cpu", **HP)
+            engine = ParallelEngine(tiny_model(), ParallelPlan(**plan_dict), device="cpu",
+                                    mixed_precision=options.get("mixed_precision"), **HP)
             per = GLOBAL_ROWS // engine.dp_size
             lo, hi = engine.dp_rank * per, (engine.dp_rank + 1) * per
             stats = [engine.train_step({k: v[lo:hi] for k, v in b.items()}) for b in batches]
@@ -132,8 +151,8 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
     dist.destroy_process_group()
 
 
-def run_layouts(world: int, layouts: list[tuple[str, dict]], steps: int = STEPS) -> dict:
-    """Run `layouts` (name, ParallelPlan kwargs) in one spawned group of `world` gloo ranks."""
+def run_layouts(world: int, layouts: list[tuple], steps: int = STEPS) -> dict:
+    """Run `layouts` ((name, ParallelPlan kwargs[, options])) in one spawned group of `world` gloo ranks."""
     import torch.multiprocessing as mp
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".cache", "torch_extensions"))
@@ -147,7 +166,7 @@ def run_layouts(world: int, layouts: list[tuple[str, dict]], steps: int = STEPS)
         per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json") else {}
                     for r in range(world)]
     results = {}
-    for name, _ in layouts:
+    for name, *_ in layouts:
         errors = [pr[name]["error"] for pr in per_rank if "error" in pr.get(name, {})]
         if errors:
             results[name] = {"error": "\n".join(errors)}

@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from raytune_llama.config import ConfigError, config_from_dict, load_config
+from raytune_llama.engine.hf_cache import looks_like_hub_id
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "examples" / "configs" / "tiny_cpu.yaml"
@@ -67,12 +68,14 @@ def test_missing_data_path_and_unknown_preset(tmp_path):
     assert "model.random_init: unknown preset 'gpt-17'" in text
 
 
-def test_hub_ids_are_accepted_without_files():
+def test_hub_ids_must_be_in_the_local_cache(tmp_path, monkeypatch):
     cfg = load_config(TINY, ["model.name_or_path=meta-llama/Meta-Llama-3-8B", "model.random_init=null"])
-    cfg.validate(check_files=False)
+    cfg.validate(check_files=False)  # a Ray client checks files on the cluster, not here
     from raytune_llama.config_checks import _check_model
 
-    assert _check_model(cfg) == []
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    problems = _check_model(cfg)
+    assert len(problems) == 1 and "hf download meta-llama/Meta-Llama-3-8B" in problems[0]
 
 
 def shipped_yamls():
@@ -80,10 +83,18 @@ def shipped_yamls():
 
 
 @pytest.mark.parametrize("path", shipped_yamls(), ids=lambda p: str(p.relative_to(REPO)))
-def test_shipped_yaml_parses_and_validates(path, monkeypatch):
+def test_shipped_yaml_parses_and_validates(path, monkeypatch, tmp_path):
     """R13: every YAML in examples/ and cluster/ parses; run configs also validate."""
     doc = yaml.safe_load(path.read_text())
     assert isinstance(doc, dict), path
     if path.parent.name == "configs":
         monkeypatch.chdir(REPO)
-        load_config(path).validate()
+        cfg = load_config(path)
+        if looks_like_hub_id(cfg.model.name_or_path) and not cfg.model.random_init:
+            # A hub model must be in the local HF cache: lay a tiny one out under its id.
+            from tests.hf_cache_layout import write_hub_model
+            from tests.unit.test_hf_cache import _tiny_config
+
+            monkeypatch.setenv("HF_HOME", str(tmp_path))
+            write_hub_model(tmp_path, cfg.model.name_or_path, _tiny_config())
+        cfg.validate()

@@ -49,8 +49,17 @@ def test_plan_text_and_cluster_yaml():
 
 def test_estimate_and_errors():
     code, out, _ = run_cli(["estimate", "--model", "llama3-70b", "--hardware", "mi250", "--nodes", "8", *WL,
-                            "--layout", "dp_shard=8,pp=8,micro_batch_size=1,recompute=full", "--json"])
+                            "--layout", "dp_shard=32,tp=2,zero_stage=3,micro_batch_size=16,recompute=full", "--json"])
     assert code == 0 and json.loads(out)["feasible"]
+    code, out, _ = run_cli(["estimate", "--model", "llama3-70b", "--hardware", "mi250", "--nodes", "8", *WL,
+                            "--layout", "dp_shard=8,pp=8,micro_batch_size=1,recompute=full", "--json"])
+    assert code == 1 and not json.loads(out)["feasible"]  # out of memory: FSDP2 under pipelining
+    code, out, _ = run_cli(["plan", "--model", "tiny-llama", "--hardware", "cpu", "--devices-per-node", "2",
+                            "--seq-len", "128", "--global-batch", "8", "--compute-dtype", "fp32", "--json"])
+    assert code == 0 and json.loads(out)["workload"]["compute_dtype"] == "fp32"
+    code, _, err = run_cli(["plan", "--model", "tiny-llama", "--hardware", "cpu", "--seq-len", "128",
+                            "--global-batch", "8", "--compute-dtype", "fp16"])
+    assert code == 2 and "compute_dtype='fp16'" in err and "--compute-dtype" in err
     code, _, err = run_cli(["plan", "--model", "llama3-70b", "--hardware", "mi999", *WL])
     assert code == 2 and "hardware='mi999'" in err and "fix:" in err
     code, _, err = run_cli(["plan", "--model", "llama3-70b", "--hardware", "h100", "--seq-len", "0", "--global-batch", "8"])

@@ -1,10 +1,20 @@
-"""Hardware profiles and cluster sources (explicit, Ray launcher YAML, live Ray resources)."""
+"""Hardware profiles and cluster sources (explicit, Ray launcher YAML, live Ray resources), and
+where a run's workers land: worker slots per node, Ray's PACK placement, the topology planned on."""
 from pathlib import Path
 
 import pytest
 import yaml
 
-from raytune_llama.planner.cluster import as_cluster, from_ray_launcher_yaml, from_ray_resources
+from raytune_llama.planner.cluster import (
+    as_cluster,
+    from_ray_launcher_yaml,
+    from_ray_resources,
+    hardware_from_ray_nodes,
+    pack_placement,
+    placed_topology,
+    topology_of_ranks,
+    worker_slots,
+)
 from raytune_llama.planner.errors import PlanError
 from raytune_llama.planner.hardware import builtin_names, load_hardware
 
@@ -61,3 +71,68 @@ def test_cluster_kwargs_errors():
     assert as_cluster(hardware="h100", nodes=2).world_size == 16
     with pytest.raises(PlanError, match="nodes=0"):
         as_cluster(hardware="h100", nodes=0)
+
+
+def _node(cpus, gpus=0, accel=None, alive=True):
+    res = {"CPU": float(cpus), "memory": 1e11, "node:10.0.0.1": 1.0}
+    if gpus:
+        res["GPU"] = float(gpus)
+    if accel:
+        res[f"accelerator_type:{accel}"] = 1.0
+    return {"NodeID": f"n{cpus}-{gpus}", "Alive": alive, "Resources": res}
+
+
+def test_worker_slots_from_ray_nodes():
+    cpu_nodes = [_node(1), _node(2), _node(2), _node(7, alive=False)]
+    assert worker_slots(cpu_nodes, use_gpu=False, cpus_per_worker=1) == [1, 2, 2]  # the dead node is out
+    assert worker_slots(cpu_nodes, use_gpu=False, cpus_per_worker=1.5) == [0, 1, 1]
+    mi250 = "AMD-Instinct-MI250X-MI250"
+    gpu_nodes = [_node(16)] + [_node(128, 8, mi250)] * 2 + [_node(32, 8, mi250)]
+    # GPUs per node, capped by CPUs / cpus_per_worker (a 32-CPU node holds 4 workers of 8 CPUs)
+    assert worker_slots(gpu_nodes, use_gpu=True, cpus_per_worker=8) == [0, 8, 8, 4]
+    assert hardware_from_ray_nodes(gpu_nodes) == "mi250"
+    with pytest.raises(PlanError, match="accelerator_type"):
+        hardware_from_ray_nodes(cpu_nodes)
+    with pytest.raises(PlanError, match="accelerator_type"):
+        hardware_from_ray_nodes([_node(64, 8, mi250), _node(64, 8, "H100")])
+    with pytest.raises(PlanError, match="cpus_per_worker"):
+        worker_slots(cpu_nodes, use_gpu=False, cpus_per_worker=0)
+
+
+@pytest.mark.parametrize("slots, workers, counts, topology", [
+    ([8] * 8, 64, [8] * 8, (8, 8)),              # full GPU nodes
+    ([0] + [8] * 8, 64, [8] * 8, (8, 8)),        # a head without GPUs holds none
+    ([1, 2, 2], 4, [2, 2], (2, 2)),              # CPU head with one slot: the 2-slot nodes fill first
+    ([8] * 4, 16, [8, 8], (2, 8)),               # PACK fills two nodes, the others stay free
+    ([8, 8, 8, 4], 28, [8, 8, 8, 4], (7, 4)),    # heterogeneous: gcd 4 keeps node boundaries aligned
+    ([3, 3], 4, [3, 1], (4, 1)),                 # uneven fill: only tp=1 stays inside a node
+    ([4, 2, 6], 8, [6, 2], (4, 2)),              # the largest node first
+    ([8, 8], 24, [8, 8, 8], (3, 8)),             # short of room: the rest on nodes like the largest
+    ([0, 0], 3, [1, 1, 1], (3, 1)),              # no room at all: one per node
+])
+def test_pack_placement_and_topology(slots, workers, counts, topology):
+    assert pack_placement(slots, workers) == counts
+    assert placed_topology(counts) == topology
+
+
+def test_topology_keeps_every_tp_group_inside_a_node():
+    # tp innermost in the mesh: tp group k is ranks [k*tp, (k+1)*tp); with consecutive ranks per
+    # node and tp dividing devices_per_node = gcd(counts), no group spans a node boundary.
+    for counts in ([8, 8, 8, 4], [6, 2], [2, 2], [3, 1], [4, 4, 2, 6]):
+        nodes, per_node = placed_topology(counts)
+        node_of_rank = [i for i, c in enumerate(counts) for _ in range(c)]
+        assert topology_of_ranks(node_of_rank) == (nodes, per_node)
+        for tp in (t for t in range(1, per_node + 1) if per_node % t == 0):
+            groups = [node_of_rank[k:k + tp] for k in range(0, len(node_of_rank), tp)]
+            assert all(len(set(g)) == 1 for g in groups), (counts, tp)
+
+
+def test_topology_of_ranks():
+    assert topology_of_ranks(["a", "a", "b", "b"]) == (2, 2)
+    assert topology_of_ranks(["a", "a", "a", "b"]) == (4, 1)
+    assert topology_of_ranks(["a"] * 4) == (1, 4)
+    with pytest.raises(PlanError, match="not consecutive") as err:
+        topology_of_ranks(["a", "b", "a", "b"])
+    assert "'a': [0, 2]" in str(err.value)
+    with pytest.raises(PlanError, match="workers_per_node"):
+        placed_topology([])

@@ -16,7 +16,12 @@ def _mem(plan, hw="mi250", nodes=8, gb=512, s=1024):
     return memory_breakdown(M70, make_cluster(hw, nodes), make_workload(gb, s), plan)
 
 
-@pytest.mark.parametrize("zero,expect", [(0, 16.0), (1, 4 + 12 / 8), (2, 2 + 14 / 8), (3, 16 / 8)])
+# Under pipeline parallel with dp 8 (fp32 masters, bf16 compute): zero 0 is FSDP2 replicate, 4 fp32
+# params + 2 bf16 unsharded copy + 4 fp32 grads + 8 moments; zero 1/2/3 keep the stage's bf16 params
+# unsharded and accumulate unsharded fp32 grads across micro-batches (pipelining turns gradient
+# sync and reshard-after-backward off), so only the fp32 params (4/8) and moments (8/8) shard.
+@pytest.mark.parametrize("zero,expect", [(0, 4 + 2 + 4 + 8), (1, 4 / 8 + 2 + 4 + 8 / 8),
+                                         (2, 4 / 8 + 2 + 4 + 8 / 8), (3, 4 / 8 + 2 + 4 + 8 / 8)])
 def test_model_state_bytes_follow_zero_formulas(zero, expect):
     plan = ParallelPlan(dp_replicate=1 if zero else 8, dp_shard=8 if zero else 1, zero_stage=zero, pp=8,
                         micro_batch_size=1, grad_accum=64, recompute="full")
@@ -68,14 +73,16 @@ def test_bubble_fraction_matches_formula():
     assert ti.bubble_fraction == pytest.approx(3.5 / (8 + 3.5), rel=1e-6)
 
 
-@pytest.mark.parametrize("model,hw,nodes,gb,s,layout,published", [
-    # Llama 3 405B, 16K H100, TP8 PP16 DP128 (38-43% MFU), and 8K H100 with DP64.
-    ("llama3.1-405b", "h100", 2048, 2048, 8192, "tp=8,pp=16,dp_shard=128,zero_stage=1,v=4,recompute=selective", 0.41),
-    ("llama3.1-405b", "h100", 1024, 2048, 8192, "tp=8,pp=16,dp_shard=64,zero_stage=1,v=4,recompute=selective", 0.43),
+@pytest.mark.parametrize("model,hw,nodes,gb,s,layout,published,fits", [
+    # Llama 3 405B, 16K H100, TP8 PP16 DP128 (38-43% MFU), and 8K H100 with DP64. With DP64 each
+    # rank runs 32 micro-batches: this engine (FSDP2 under torch pipelining) keeps the stage's
+    # gradients unsharded in fp32 across them and does not fit the 80 GB; the time model still applies.
+    ("llama3.1-405b", "h100", 2048, 2048, 8192, "tp=8,pp=16,dp_shard=128,zero_stage=1,v=4,recompute=selective", 0.41, True),
+    ("llama3.1-405b", "h100", 1024, 2048, 8192, "tp=8,pp=16,dp_shard=64,zero_stage=1,v=4,recompute=selective", 0.43, False),
     # Llama 3 70B on 64 A100, FSDP only, s=8192, full recompute (~51% MFU).
-    ("llama3-70b", "a100-80gb", 8, 64, 8192, "dp_shard=64,micro_batch_size=1,recompute=full", 0.51),
+    ("llama3-70b", "a100-80gb", 8, 64, 8192, "dp_shard=64,micro_batch_size=1,recompute=full", 0.51, True),
 ])
-def test_published_mfu_within_25_percent(model, hw, nodes, gb, s, layout, published):
+def test_published_mfu_within_25_percent(model, hw, nodes, gb, s, layout, published, fits):
     est = estimate(model, {"hardware": hw, "nodes": nodes}, {"global_batch": gb, "seq_len": s}, layout=layout)
-    assert est.feasible, est.reasons
+    assert est.feasible == fits, est.reasons
     assert est.time.mfu == pytest.approx(published, rel=0.25)

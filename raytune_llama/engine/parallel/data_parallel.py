@@ -43,6 +43,11 @@ def uses_fsdp(plan: ParallelPlan) -> bool:
     return plan.dp > 1 and (plan.zero_stage > 0 or plan.tp > 1 or plan.pp > 1)
 
 
+def uses_ddp(plan: ParallelPlan) -> bool:
+    """True when the torch backend wraps the model in classic DDP (replicas, no tp/pp)."""
+    return plan.dp > 1 and plan.zero_stage == 0 and plan.tp == 1 and plan.pp == 1
+
+
 def apply_data_parallel(stage: nn.Module, plan: ParallelPlan, mesh: DeviceMesh,
                         mixed_precision: str | None = None) -> nn.Module:
     """Wrap one stage module for data parallelism; returns the module to call."""
@@ -50,7 +55,7 @@ def apply_data_parallel(stage: nn.Module, plan: ParallelPlan, mesh: DeviceMesh,
         log.info("data parallel: none (dp=1)")
         return stage
     mp = mixed_precision_policy(mixed_precision)
-    if plan.zero_stage == 0 and plan.tp == 1 and plan.pp == 1:
+    if uses_ddp(plan):
         group = dp_mesh(mesh).get_group()
         device = mesh.device_type
         ids = [torch.cuda.current_device()] if device == "cuda" else None

@@ -17,6 +17,9 @@ from torch import nn
 
 from raytune_llama.planner.plan import ParallelPlan
 
+from .model_stages import build_stage
+from .sharded_load import load_flat_partitions, materialize_and_load
+
 log = logging.getLogger(__name__)
 
 
@@ -53,13 +56,49 @@ def deepspeed_config(plan: ParallelPlan, max_grad_norm: float | None, mixed_prec
     }
 
 
+def _init_distributed() -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def build_stage_for_deepspeed(model: nn.Module, plan: ParallelPlan, load_from: str | None, device: torch.device,
+                              max_grad_norm: float | None, mixed_precision: str | None) -> nn.Module:
+    """The one stage DeepSpeed trains. With `load_from` (a meta-device `model` and its
+    safetensors), no rank holds the whole model in host memory: ZeRO-3 builds it inside
+    `deepspeed.zero.Init` (each parameter partitioned as it is created) and each rank reads
+    only the rows covering its own partitions; ZeRO-1/2 keep a whole replica on the device,
+    which is allocated there directly and filled one tensor at a time."""
+    if load_from is None:
+        return build_stage(model, 0, 1).to(device)
+    if plan.zero_stage != 3:
+        stage = build_stage(model, 0, 1)
+        materialize_and_load([stage], load_from, device)
+        return stage
+    import deepspeed
+    import torch.distributed as dist
+
+    validate_deepspeed(plan)
+    _init_distributed()
+    config = deepspeed_config(plan, max_grad_norm, mixed_precision)
+    # zero.Init takes the module dtype from the config (bf16 under DeepSpeed's bf16 mode, whose
+    # optimizer then keeps fp32 masters); HF's weight init runs on empty partitions (no-op).
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        full = type(model)(model.config)
+    stage = build_stage(full, 0, 1)
+    parts = [(name, tuple(p.ds_shape), dist.get_rank(group=p.ds_process_group) * p.ds_tensor.ds_numel,
+              p.ds_tensor.data) for name, p in stage.named_parameters()]
+    load_flat_partitions(parts, load_from)
+    return stage
+
+
 def build_deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, plan: ParallelPlan,
                            max_grad_norm: float | None, mixed_precision: str | None):
     """deepspeed.initialize on an existing torch.distributed world; returns the DeepSpeedEngine."""
     import deepspeed
 
     validate_deepspeed(plan)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    _init_distributed()
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer,
         config=deepspeed_config(plan, max_grad_norm, mixed_precision),

@@ -7,7 +7,10 @@
     model_sd, optim_sd = engine.get_state(full=False)         # DCP-ready shards (HF FQNs)
 
 Sharded loading: pass a meta-device model (sharded_load.meta_model(config)) and
-`load_from=<safetensors file or folder>`; each rank reads only its own slices.
+`load_from=<safetensors file or folder>`; each rank reads only what it keeps (every layout and
+backend; model_io.build_engine does this for every run). The model's parameter dtype is the
+master dtype (fp32 unless parallel.master_weights is bf16); `mixed_precision="bf16"` computes
+in bf16 over it (FSDP2's MixedPrecisionPolicy, autocast elsewhere, DeepSpeed's bf16 mode).
 
 Loss normalisation (see engine/loss.py): every micro-batch contributes
 sum(token CE) / T_global, where T_global is the number of non-ignored target tokens of the
@@ -32,12 +35,10 @@ from raytune_llama.planner.plan import ParallelPlan
 from . import deepspeed_backend as ds
 from .data_parallel import uses_fsdp
 from .mesh import build_mesh, data_parallel_rank_and_size, default_device_type, dp_mesh, init_distributed
-from .model_stages import build_stage
 from .optim import build_adamw, clip_grad_norm
 from .parallelize import parallelize
 from .pipeline import build_schedule
 from .recompute import apply_recompute
-from .sharded_load import materialize_and_load
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +65,21 @@ class ParallelEngine:
         self.schedule = None
         self.ds_engine = None
         adam = dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-        if load_from is not None and (plan.backend != "torch" or (plan.zero_stage == 0 and plan.tp == 1 and plan.dp > 1)):
-            raise ValueError("load_from (sharded loading of a meta-device model) needs backend 'torch' "
-                             f"with FSDP or TP (got backend={plan.backend!r}, zero_stage={plan.zero_stage}, tp={plan.tp})")
+        if load_from is None and any(p.is_meta for p in model.parameters()):
+            raise ValueError("a meta-device model needs load_from=<safetensors file or folder> to read its weights")
         if plan.backend == "deepspeed":
-            stage = build_stage(model, 0, 1).to(self.device)
+            stage = ds.build_stage_for_deepspeed(model, plan, load_from, self.device, max_grad_norm, mixed_precision)
             apply_recompute(stage, plan.recompute)
             optimizer = build_adamw(stage.named_parameters(), **adam)
             self.ds_engine = ds.build_deepspeed_engine(stage, optimizer, plan, max_grad_norm, mixed_precision)
             self.stages, self.modules, self.stage_ids = [stage], [self.ds_engine], [0]
             self.optimizer = self.ds_engine.optimizer
         elif plan.backend == "torch":
+            # A meta-device model is filled with this rank's tensors inside parallelize, before
+            # the optimizer exists (so it sees the materialised parameters).
             pm = parallelize(model, plan, self.mesh, layer_costs=layer_costs, compile=compile,
-                             mixed_precision=mixed_precision)
+                             mixed_precision=mixed_precision, load_from=load_from)
             self.stages, self.modules, self.stage_ids = pm.stages, pm.modules, pm.stage_ids
-            if load_from is not None:
-                # Meta-device model: allocate and read only this rank's shards (before the
-                # optimizer exists, so it sees the materialised parameters).
-                materialize_and_load(self.stages, load_from, self.device)
             self.optimizer = build_adamw(self._named_params(), **adam)
             if plan.pp > 1:
                 self.schedule, self._pipe_stages = build_schedule(
@@ -173,15 +171,23 @@ class ParallelEngine:
         return torch.autocast(self.device.type, enabled=False)
 
     def _micro_batch_step(self, input_ids, labels) -> torch.Tensor:
+        from raytune_llama.engine.loss import loss_parallel_context
+
+        from .tensor_parallel import vocab_parallel_mesh
+
         module, ga, mbs = self.modules[0], self.plan.grad_accum, self.plan.micro_batch_size
+        # Under TP the logits are this rank's vocab shard: loss_parallel() must cover the
+        # cross-entropy's forward AND backward (engine/loss.py).
+        vocab_mesh = vocab_parallel_mesh(self.plan, self.mesh, self.stages[0].config)
         total = torch.zeros((), device=self.device)
-        for i in range(ga):
-            last = i == ga - 1
-            ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
-            self._set_grad_sync(module, last)
-            ce = summed_causal_lm_loss(module(ids), lab)
-            (ce * self._loss_scale).backward()
-            total = total + ce.detach()
+        with loss_parallel_context(vocab_mesh):
+            for i in range(ga):
+                last = i == ga - 1
+                ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
+                self._set_grad_sync(module, last)
+                ce = summed_causal_lm_loss(module(ids), lab, vocab_mesh)
+                (ce * self._loss_scale).backward()
+                total = total + ce.detach()
         return total
 
     def _set_grad_sync(self, module, last: bool) -> None:
@@ -193,16 +199,25 @@ class ParallelEngine:
             module.set_requires_gradient_sync(last)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ce = summed_causal_lm_loss(logits, labels)
+        # Stages exchange plain tensors: under TP `logits` is this rank's vocab shard, turned
+        # back into a Shard(-1) DTensor over the tp mesh (set by _pipeline_step) for the loss.
+        ce = summed_causal_lm_loss(logits, labels, self._pp_vocab_mesh)
         self._pp_ce.append(ce.detach())
         return ce * self._loss_scale
 
     def _pipeline_step(self, input_ids, labels) -> torch.Tensor:
+        from raytune_llama.engine.loss import loss_parallel_context
+
+        from .tensor_parallel import vocab_parallel_mesh
+
         self._pp_ce = []
         holds_first = 0 in self.stage_ids
         holds_last = (self.plan.pp * self.plan.virtual_stages - 1) in self.stage_ids
+        self._pp_vocab_mesh = vocab_parallel_mesh(self.plan, self.mesh, self.stages[-1].config)
         args = (input_ids,) if holds_first else ()
-        self.schedule.step(*args, target=labels if holds_last else None, return_outputs=False)
+        # The schedule runs every micro-batch's loss forward and backward inside step().
+        with loss_parallel_context(self._pp_vocab_mesh):
+            self.schedule.step(*args, target=labels if holds_last else None, return_outputs=False)
         if not self._pp_ce:
             return torch.zeros((), device=self.device)
         # The first step's stage initialisation runs the loss once more for shape inference:

@@ -6,6 +6,9 @@ Fixed order, per stage module this rank holds (torchtitan's order, for the same 
   3. recompute         - wraps whole (already TP-sharded) decoder layers
   4. torch.compile     - per decoder layer (smaller graphs, compiles once for all layers); off on CPU
   5. data parallel     - FSDP2 / DDP last: it shards whatever parameters (plain or DTensor) it finds
+With `load_from` (a meta-device model and its safetensors folder) each stage is materialised
+with only this rank's tensors and slices: after FSDP2 (which shards meta parameters, so only
+the shards are ever allocated), or just before DDP (which needs real parameters to broadcast).
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from raytune_llama.planner.plan import ParallelPlan
 
-from .data_parallel import apply_data_parallel
+from .data_parallel import apply_data_parallel, uses_ddp
 from .model_stages import CausalLMStage, build_stage, stage_ids_for_rank
 from .pipeline import validate_pipeline
 from .recompute import apply_recompute
+from .sharded_load import materialize_and_load
 from .tensor_parallel import apply_tensor_parallel, validate_tensor_parallel
 
 log = logging.getLogger(__name__)
@@ -61,8 +65,9 @@ def apply_compile(stage: CausalLMStage) -> None:
 
 def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, *,
                 layer_costs: Sequence[float] | None = None, compile: bool = False,
-                mixed_precision: str | None = None) -> ParallelModel:
-    """Cut, shard and wrap `model` (an HF *ForCausalLM) for `plan` on this rank's part of `mesh`."""
+                mixed_precision: str | None = None, load_from: str | None = None) -> ParallelModel:
+    """Cut, shard and wrap `model` (an HF *ForCausalLM) for `plan` on this rank's part of `mesh`;
+    with `load_from`, fill the meta-device model from that safetensors file or folder."""
     validate_plan_for_model(plan, model.config)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
         else torch.device(mesh.device_type)
@@ -82,8 +87,12 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, *,
         # 3. per-block compile: off on CPU (compile time would dwarf the tiny steps there)
         if compile and mesh.device_type != "cpu":
             apply_compile(stage)
-        # 4. data parallel
+        # 4. data parallel, with the weights read where the wrapper wants them (module doc)
+        if load_from is not None and uses_ddp(plan):
+            materialize_and_load([stage], load_from, device)
         modules.append(apply_data_parallel(stage, plan, mesh, mixed_precision))
+        if load_from is not None and not uses_ddp(plan):
+            materialize_and_load([stage], load_from, device)
         stages.append(stage)
         log.info("stage %d/%d: layers %s%s%s", sid, num_stages, list(stage.model.layers.keys()),
                  " +embedding" if stage.is_first else "", " +norm+lm_head" if stage.is_last else "")

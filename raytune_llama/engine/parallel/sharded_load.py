@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 
 import torch
@@ -21,14 +22,15 @@ log = logging.getLogger(__name__)
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
 
 
-def meta_model(config, model_cls=None) -> nn.Module:
-    """An HF causal LM with every parameter on the meta device (no memory used)."""
+def meta_model(config, model_cls=None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An HF causal LM with every parameter on the meta device (no memory used), in `dtype`
+    (the master dtype: fp32 by default, not the dtype the checkpoint's config declares)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         if model_cls is not None:
-            return model_cls(config)
-        return AutoModelForCausalLM.from_config(config)
+            return model_cls(config).to(dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def clean_fqn(name: str) -> str:
@@ -73,28 +75,73 @@ def _reinit_rotary(stage: nn.Module, device: torch.device) -> None:
             body.rotary_emb = type(rotary)(config=rotary.config)
 
 
+def _aliases(stage: nn.Module) -> list[tuple[nn.Module, str, nn.Module, str]]:
+    # Tied weights (e.g. lm_head.weight is embed_tokens.weight): to_empty gives every
+    # occurrence a tensor of its own, so record (module, name) pairs to tie again afterwards.
+    first: dict[int, tuple[nn.Module, str]] = {}
+    out = []
+    for module in stage.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in first:
+                out.append((module, name, *first[id(param)]))
+            else:
+                first[id(param)] = (module, name)
+    return out
+
+
+def _read_into(local: torch.Tensor, index: dict[str, str], key: str, slices: tuple[slice, ...], path: str) -> int:
+    """Copy the `slices` rectangle of tensor `key` (cast to local's dtype) into local; bytes read."""
+    from safetensors import safe_open
+
+    if key not in index:
+        raise KeyError(f"parameter {key} not found in the safetensors checkpoint at {path}")
+    # Open per tensor on purpose: the file is mmapped and every page touched counts as
+    # resident until the mapping closes, so a handle kept open for the whole load would make
+    # each rank look (and be charged) as if it held most of the file.
+    with safe_open(index[key], framework="pt", device="cpu") as f:
+        piece = f.get_slice(key)[slices]
+    local.copy_(piece)  # casts in place: no temporary in the target dtype
+    return piece.numel() * piece.element_size()
+
+
 @torch.no_grad()
 def materialize_and_load(stages: list[nn.Module], path: str, device: torch.device) -> int:
     """Allocate this rank's shards of meta `stages` and fill them from safetensors; returns bytes read."""
-    from safetensors import safe_open
-
     index = safetensors_index(path)
     read = 0
     for stage in stages:
+        tied = _aliases(stage)
         stage.to_empty(device=device)
+        for module, name, owner, owner_name in tied:
+            setattr(module, name, getattr(owner, owner_name))
         _reinit_rotary(stage, device)
         for name, param in stage.named_parameters():
-            key = clean_fqn(name)
-            if key not in index:
-                raise KeyError(f"parameter {key} not found in the safetensors checkpoint at {path}")
-            # Open per tensor on purpose: the file is mmapped and every page touched counts
-            # as resident until the mapping closes, so a handle kept open for the whole load
-            # would make each rank look (and be charged) as if it held most of the file.
-            with safe_open(index[key], framework="pt", device="cpu") as f:
-                piece = f.get_slice(key)[_local_slices(param)]
             local = param.to_local() if isinstance(param, DTensor) else param
-            local.copy_(piece.to(local.dtype))
-            read += piece.numel() * piece.element_size()
-            del piece
+            read += _read_into(local, index, clean_fqn(name), _local_slices(param), path)
     log.info("sharded load: read %.1f MiB of local shards from %s", read / 2**20, path)
+    return read
+
+
+@torch.no_grad()
+def load_flat_partitions(named_partitions, path: str) -> int:
+    """Fill flat 1-D partitions of full tensors from safetensors, each rank reading only the
+    rows that cover its range: `named_partitions` yields (name, full shape, start, partition)
+    where partition holds elements [start, start + partition.numel()) of the flattened tensor
+    (the tail past the tensor's end, alignment padding, is zeroed). Returns bytes read."""
+    index = safetensors_index(path)
+    read = 0
+    for name, shape, start, partition in named_partitions:
+        numel = math.prod(shape)
+        end = min(start + partition.numel(), numel)
+        partition.zero_()
+        if start >= end:
+            continue
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        first_row, last_row = start // row, -(-end // row)
+        rows = torch.empty((last_row - first_row, *shape[1:]), dtype=partition.dtype, device=partition.device)
+        read += _read_into(rows, index, clean_fqn(name), (slice(first_row, last_row),), path)
+        offset = start - first_row * row
+        partition[: end - start].copy_(rows.reshape(-1)[offset: offset + end - start])
+        del rows
+    log.info("partitioned load: read %.1f MiB from %s", read / 2**20, path)
     return read

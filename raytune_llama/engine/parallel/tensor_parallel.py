@@ -5,6 +5,15 @@ of the FFN), o and down are row-parallel (their partial sums are all-reduced, or
 reduce-scattered along the sequence with sequence parallel). With sequence parallel the
 residual stream between blocks stays sharded along the sequence (dim 1) and the RMSNorms run
 on their shard; attention and MLP inputs are all-gathered to the full sequence first.
+
+Loss parallel: the embedding is vocab-parallel and the lm_head is column-parallel with its
+output left sharded over the vocabulary (`Shard(-1)`), so no rank ever holds full-vocabulary
+logits. The cross-entropy runs on the vocab-sharded DTensor under
+`torch.distributed.tensor.parallel.loss_parallel()` (engine/loss.py): max, sum-exp and target
+logit are all-reduced over tp instead of gathering the logits. Stages return plain local
+tensors (model_stages._to_local), so the loss rebuilds the DTensor from this rank's vocab
+columns with `vocab_parallel_mesh`. Where tp does not divide the vocabulary the embedding and
+lm_head stay replicated and the loss is the plain one.
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
     parallelize_module,
 )
+
+from raytune_llama.planner.plan import ParallelPlan
 
 from .model_stages import CausalLMStage
 
@@ -38,6 +49,16 @@ def validate_tensor_parallel(config, tp: int) -> None:
             problems.append(f"tensor parallel degree ({tp}) must divide the number of {what} ({n})")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def vocab_parallel(config, tp: int) -> bool:
+    """True when tp > 1 divides the vocabulary: embedding and lm_head are then vocab-sharded."""
+    return tp > 1 and config.vocab_size % tp == 0
+
+
+def vocab_parallel_mesh(plan: ParallelPlan, mesh: DeviceMesh, config) -> DeviceMesh | None:
+    """The tp mesh the last stage's logits are vocab-sharded over, or None (full logits)."""
+    return mesh["tp"] if plan.backend == "torch" and vocab_parallel(config, plan.tp) else None
 
 
 def decoder_layer_tp_plan(sequence_parallel: bool) -> dict[str, ParallelStyle]:
@@ -84,8 +105,8 @@ def outer_tp_plan(stage: CausalLMStage, sequence_parallel: bool) -> dict[str, Pa
     if stage.is_last:
         if sequence_parallel:
             plan["model.norm"] = SequenceParallel()
-        # Logits are gathered (Replicate) so the loss sees the full vocabulary.
-        plan["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Replicate())
+        # Logits stay vocab-sharded (a DTensor, Shard(-1)): the loss runs under loss_parallel().
+        plan["lm_head"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
     return plan
 
 
@@ -93,7 +114,7 @@ def apply_tensor_parallel(stage: CausalLMStage, tp_mesh: DeviceMesh, sequence_pa
     """Shard one stage's layers (and embedding/lm_head) over the tp mesh axis, in place."""
     tp = tp_mesh.size()
     validate_tensor_parallel(stage.config, tp)
-    vocab_ok = stage.config.vocab_size % tp == 0
+    vocab_ok = vocab_parallel(stage.config, tp)
     outer = outer_tp_plan(stage, sequence_parallel)
     if not vocab_ok:
         # An uneven vocab split would need padding; keep embedding/lm_head replicated instead,
