@@ -21,3 +21,14 @@ def preset_hf_config(name: str) -> dict:
         raise ValueError(f"unknown model preset {name!r}; known presets are {known_presets()}")
     data = json.loads((REGISTRY_DIR / f"{name}.json").read_text())
     return dict(data.get("hf_config", data))
+
+
+def preset_config(name: str):
+    """A transformers config of the preset, without a declared dtype or architectures (weights
+    are created in fp32; the dtype to train in is chosen at load time)."""
+    from transformers import AutoConfig
+
+    hf = {k: v for k, v in preset_hf_config(name).items() if not k.startswith("_")}
+    for key in ("torch_dtype", "dtype", "architectures"):
+        hf.pop(key, None)
+    return AutoConfig.for_model(hf.pop("model_type"), **hf)

@@ -45,7 +45,8 @@ def write_hub_model(hf_home: str | os.PathLike, repo_id: str, config, *, seed: i
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         load_tokenizer(tokenizer_dir or SHIPPED_TOKENIZER).save_pretrained(tmp)
         config_json = json.loads((Path(tmp) / "config.json").read_text())
-        config_json["dtype"] = dtype  # what a real release declares
+        config_json.pop("dtype", None)
+        config_json["torch_dtype"] = dtype  # the key (and value) a real Llama 3 release declares
         (Path(tmp) / "config.json").write_text(json.dumps(config_json, indent=2))
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():

@@ -1,10 +1,9 @@
-"""Model files: create a random-weight model from a preset once, load through the real
-`AutoModelForCausalLM.from_pretrained` path, and export with safetensors. Every write goes
-to a temporary sibling directory first and is renamed into place, so a crash never leaves
-a half-written model where a loader would find it."""
+"""Model files: create a random-weight model from a preset once (written to a temporary sibling
+directory and renamed into place, so a crash never leaves a half-written model where a loader
+would find it), find a model folder (a local path or a hub id in the HF cache), and build the
+ParallelEngine from its safetensors, each rank reading only what it keeps (build_engine)."""
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -12,9 +11,7 @@ from pathlib import Path
 
 from raytune_llama.engine.hf_cache import resolve_pretrained
 from raytune_llama.engine.tokenizer_build import SHIPPED_TOKENIZER, load_tokenizer
-from raytune_llama.presets import preset_hf_config
-
-log = logging.getLogger(__name__)
+from raytune_llama.presets import preset_config
 
 
 def _atomic_dir(final: Path, write) -> Path:
@@ -36,12 +33,9 @@ def create_random_model(path: str | os.PathLike, preset: str, seed: int = 0) -> 
     """Save a model of the preset's shape with seeded random weights, plus the shipped
     tokenizer, as an HF model directory (config.json, model.safetensors, tokenizer)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf = {k: v for k, v in preset_hf_config(preset).items() if not k.startswith("_")}
-    for key in ("torch_dtype", "dtype", "architectures"):
-        hf.pop(key, None)  # weights are created in fp32; the dtype is chosen at load time
-    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    config = preset_config(preset)
 
     def write(tmp: Path) -> None:
         torch.manual_seed(seed)
@@ -61,24 +55,6 @@ def ensure_model(name_or_path: str, random_init: str | None, seed: int = 0) -> s
     return str(resolve_pretrained(name_or_path))
 
 
-def load_model(name_or_path: str, dtype=None):
-    """AutoModelForCausalLM.from_pretrained (local directory or hub id)."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
-
-
-def export_model(model, tokenizer, out_dir: str | os.PathLike) -> Path:
-    """save_pretrained (safetensors) + tokenizer into out_dir, atomically."""
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-    return _atomic_dir(Path(out_dir), write)
-
-
 MASTER_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -91,47 +67,47 @@ def master_dtype(master_weights: str):
     return getattr(torch, MASTER_DTYPES[master_weights])
 
 
+def _local_model_folder(model_path: str) -> Path:
+    """resolve_pretrained, with the error a worker gives when the folder the driver resolved is
+    not on storage this node sees."""
+    path = Path(model_path)
+    if path.is_absolute() and not path.exists():
+        import socket
+
+        raise FileNotFoundError(
+            f"model folder {model_path} (resolved on the driver from model.name_or_path) is not visible on "
+            f"host {socket.gethostname()}: the model (for a hub id: HF_HOME) must be on storage every node mounts")
+    return resolve_pretrained(model_path)
+
+
 def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_decay: float,
                  betas, max_grad_norm: float, mixed_precision: str | None, master_weights: str = "fp32"):
     """The model laid out per `plan` in a ParallelEngine, for every layout and backend without
     any rank holding the whole model in host memory: built on the meta device in the master
     dtype (fp32 by default, whatever dtype the checkpoint declares), then each rank allocates
     only what it keeps on its device and reads only those tensors or slices from the
-    safetensors files (DeepSpeed ZeRO-3: DeepSpeed's own partitioned construction). A
-    checkpoint without safetensors (pickled .bin) is loaded whole, with a warning."""
+    safetensors files (DeepSpeed ZeRO-3: DeepSpeed's own partitioned construction)."""
     from transformers import AutoConfig
 
     from raytune_llama.engine.parallel import ParallelEngine
     from raytune_llama.engine.parallel.sharded_load import meta_model
 
-    path = resolve_pretrained(model_path)
+    path = _local_model_folder(model_path)
     dtype = master_dtype(master_weights)
     if master_weights == "bf16" and plan.backend == "deepspeed":
         raise ValueError("parallel.master_weights: 'bf16' needs backend 'torch' (DeepSpeed's bf16 mode always "
                          "keeps fp32 master weights); use master_weights: fp32 or a torch layout")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(
+            f"model.name_or_path: {path} has no *.safetensors files (a pickled .bin checkpoint would be loaded "
+            f"whole on every rank); convert it once: AutoModelForCausalLM.from_pretrained(path)"
+            f".save_pretrained(new_folder, safe_serialization=True), and point model.name_or_path there")
     # Pure bf16 weights compute in bf16 already: no autocast / mixed-precision policy on top.
     compute = None if master_weights == "bf16" else mixed_precision
-    kwargs = dict(device=device_type, lr=lr, weight_decay=weight_decay, betas=tuple(betas),
-                  max_grad_norm=max_grad_norm or None, mixed_precision=compute)
-    if any(path.glob("*.safetensors")):
-        model = meta_model(AutoConfig.from_pretrained(path), dtype=dtype)
-        return ParallelEngine(model, plan, load_from=str(path), **kwargs)
-    log.warning("%s has no safetensors files: loading the whole model on every rank (convert it with "
-                "save_pretrained(..., safe_serialization=True) to load only each rank's shards)", path)
-    return ParallelEngine(load_model(str(path), dtype=dtype), plan, **kwargs)
-
-
-def hf_model_with(model_path: str, state_dict: dict):
-    """A CPU HF model of the checkpoint's architecture holding `state_dict` (for export)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    missing, unexpected = model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v
-                                                 for k, v in state_dict.items()}, strict=False)
-    # rotary buffers are not parameters and may be absent from a gathered state
-    missing = [k for k in missing if "rotary_emb" not in k]
-    if missing or unexpected:
-        raise RuntimeError(f"export: gathered state does not match the model (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
-    return model
+    if plan.backend == "deepspeed" and compute == "bf16":
+        # DeepSpeed's bf16 mode holds the module in bf16 and builds its fp32 masters from it:
+        # building in bf16 halves the load's peak (an fp32 checkpoint is rounded to bf16 once).
+        dtype = master_dtype("bf16")
+    model = meta_model(AutoConfig.from_pretrained(path), dtype=dtype)
+    return ParallelEngine(model, plan, load_from=str(path), device=device_type, lr=lr, weight_decay=weight_decay,
+                          betas=tuple(betas), max_grad_norm=max_grad_norm or None, mixed_precision=compute)

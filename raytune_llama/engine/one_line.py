@@ -153,7 +153,15 @@ def _from_pretrained(cls, name_or_path, *args, **kwargs):
     opts = _state["options"]
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     init_distributed(device_type)
-    path = str(resolve_pretrained(str(name_or_path)))  # a hub id: its snapshot in the HF cache
+    unsupported = sorted(set(kwargs) - {"cache_dir", "revision", "dtype", "torch_dtype", "token"})
+    if args or unsupported:
+        raise TypeError(f"from_pretrained after enable_advanced_parallelization() takes the model plus "
+                        f"cache_dir=, revision= (dtype=, torch_dtype= and token= are accepted and ignored); got "
+                        f"{len(args)} positional argument(s) and {unsupported}. The training dtype is set by "
+                        f"enable_advanced_parallelization(master_weights=..., mixed_precision=...)")
+    # A hub id: its snapshot in the HF cache (kwargs dtype/token are ignored: fp32 masters, offline).
+    path = str(resolve_pretrained(str(name_or_path), cache_dir=kwargs.get("cache_dir"),
+                                  revision=kwargs.get("revision")))
     config = AutoConfig.from_pretrained(path)
     plan = resolve_plan(config, opts.get("plan"))
     with _unpatched_from_pretrained():  # the engine loads weights through the real one
@@ -219,6 +227,9 @@ def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str]
     master_weights="bf16") and computed in `mixed_precision` ("bf16" or None = fp32)."""
     from transformers import AutoModelForCausalLM
 
+    from raytune_llama.engine.model_io import master_dtype
+
+    master_dtype(master_weights)  # a bad value fails here, not at from_pretrained
     _state["options"] = {"plan": plan, "mixed_precision": mixed_precision, "master_weights": master_weights}
     if _state["enabled"]:
         return

@@ -46,19 +46,16 @@ LAYOUTS = [None, "tp=2,sequence_parallel=true"]
 
 @pytest.fixture(scope="module", params=LAYOUTS, ids=["planner", "tp2_sp"])
 def rehearsal(ray_head, tmp_path_factory, request):
-    from transformers import AutoConfig
-
-    from raytune_llama.presets import preset_hf_config
+    from raytune_llama.presets import preset_config
 
     tmp = tmp_path_factory.mktemp("rehearsal")
-    hf = {k: v for k, v in preset_hf_config("tiny-llama").items() if not k.startswith("_")}
-    for key in ("torch_dtype", "architectures"):
-        hf.pop(key)
-    write_hub_model(tmp / "hf", HUB_ID, AutoConfig.for_model(hf.pop("model_type"), **hf))
+    write_hub_model(tmp / "hf", HUB_ID, preset_config("tiny-llama"))
     _alpaca_like(tmp / "alpaca.parquet")
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HOME", str(tmp / "hf"))
     mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.delenv("HF_HUB_CACHE", raising=False)
+    mp.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     try:
         cfg = load_config(REPO / "examples" / "configs" / "llama3_70b_mi250.yaml", [
             f"data.path={tmp}/alpaca.parquet", "data.format=auto",

@@ -7,6 +7,10 @@ option `mixed_precision` (ParallelEngine's "bf16" | None). The reference takes i
 torch.autocast(cpu, bf16), fp32 AdamW); its `model` option overrides the LlamaConfig (e.g. a
 vocabulary that tp does not divide).
 
+Every layout is built the way a run builds it (`model_io.build_engine`): the reference's
+tiny model is saved as safetensors once, and each rank builds a meta-device model in fp32 and
+reads only its own part of the files, so every layout also proves the sharded load.
+
 Several layouts run one after another inside ONE spawned group (spawning + importing torch /
 transformers / deepspeed is the dominant cost on a 2-core machine).
 Run: TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m pytest tests/numerics -q -s
@@ -106,7 +110,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_prefix: str) -> None:
+def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_prefix: str, model_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # 2 cores shared by up to 8 ranks
@@ -116,7 +120,7 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")  # logits are never modified in place
     import torch.distributed as dist
 
-    from raytune_llama.engine.parallel import ParallelEngine
+    from raytune_llama.engine.model_io import build_engine
     from raytune_llama.planner.plan import ParallelPlan
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
@@ -127,8 +131,10 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
         t0 = time.time()
         failed = False
         try:
-            engine = ParallelEngine(tiny_model(), ParallelPlan(**plan_dict), device="cpu",
-                                    mixed_precision=options.get("mixed_precision"), **HP)
+            # The production path: meta-device model, each rank reading only its part of the
+            # tiny model's safetensors (written once by run_layouts), fp32 master weights.
+            engine = build_engine(model_dir, ParallelPlan(**plan_dict), device_type="cpu",
+                                  mixed_precision=options.get("mixed_precision"), **HP)
             per = GLOBAL_ROWS // engine.dp_size
             lo, hi = engine.dp_rank * per, (engine.dp_rank + 1) * per
             stats = [engine.train_step({k: v[lo:hi] for k, v in b.items()}) for b in batches]
@@ -158,8 +164,10 @@ def run_layouts(world: int, layouts: list[tuple], steps: int = STEPS) -> dict:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".cache", "torch_extensions"))
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "rank")
+        model_dir = os.path.join(tmp, "model")
+        tiny_model().save_pretrained(model_dir, safe_serialization=True)  # what reference_run trains
         try:
-            mp.spawn(_worker, args=(world, _free_port(), layouts, steps, prefix), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, _free_port(), layouts, steps, prefix, model_dir), nprocs=world, join=True)
             err = None
         except Exception as exc:  # keep the layouts that finished before the failure
             err = f"process group failed: {exc}"

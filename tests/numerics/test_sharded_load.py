@@ -1,4 +1,4 @@
-"""Sharded loading from the HF cache, for every backend: a ~104M-parameter bf16 model laid out
+"""Sharded loading from the HF cache, for every backend: a ~102M-parameter bf16 model laid out
 in a temporary HF_HOME exactly as `hf download` leaves it (blobs, snapshot symlinks,
 refs/main, sharded safetensors + model.safetensors.index.json) is found offline by its hub
 id and laid out through the real `model_io.build_engine` path. Each rank's own peak RSS
@@ -18,10 +18,10 @@ import datetime
 import json
 import os
 import resource
-import socket
-
 import pytest
 import torch
+
+import harness
 
 pytestmark = pytest.mark.numerics
 HUB_ID = "meta-llama/Meta-Llama-3-70B"
@@ -30,8 +30,10 @@ HUB_ID = "meta-llama/Meta-Llama-3-70B"
 def _config():
     from transformers import LlamaConfig
 
-    # ~104M params: 414 MB as fp32 masters, 207 MB as the bf16 checkpoint.
-    return LlamaConfig(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
+    # ~102M params: 408 MB as fp32 masters, 204 MB as the bf16 checkpoint. Like a real Llama,
+    # most of it is in the decoder layers (the embedding is 4% here, 1.5% in Llama 3 70B): the
+    # largest single tensor, which a rank may briefly hold whole, stays small next to a shard.
+    return LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                        num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
                        tie_word_embeddings=False, attn_implementation="sdpa")
 
@@ -54,6 +56,8 @@ def _worker(rank, world, port, plan_kwargs, hf_home, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), HF_HOME=hf_home, HF_HUB_OFFLINE="1",
                       TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", ".cache/torch_extensions"))
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):  # HF_HOME alone names the cache
+        os.environ.pop(name, None)
     torch.set_num_threads(1)
     import torch.distributed as dist
     from safetensors import safe_open
@@ -134,12 +138,6 @@ def hf_home(tmp_path_factory):
     return home
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name,world,plan", [
     ("fsdp2_zero3", 2, dict(dp_shard=2, zero_stage=3, micro_batch_size=1)),
     ("tp2", 2, dict(tp=2)),
@@ -161,12 +159,15 @@ def test_sharded_load_holds_only_own_shards(hf_home, tmp_path, name, world, plan
     index = json.load(open(os.path.join(snapshot, "model.safetensors.index.json")))
     params = index["metadata"]["total_size"] // 2  # bf16: 2 bytes per parameter
     model_bytes = 4 * params
-    mp.spawn(_worker, args=(world, _free_port(), plan, hf_home, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, harness._free_port(), plan, hf_home, str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):
         res = json.load(open(tmp_path / f"rank{rank}.json"))
         print(f"\n[sharded-load] {name} rank {rank}: peak RSS grew {res['grown'] / 2**20:.0f} MiB "
               f"for a {model_bytes / 2**20:.0f} MiB fp32 model ({res['grown'] / model_bytes:.2f}x)")
         assert not res["mismatched"], f"gathered weights differ: {res['mismatched'][:5]}"
-        assert res["dtypes"] == ["torch.float32"], f"master weights are {res['dtypes']}, not fp32"
-        # 1/world of the model plus slack for strided (row-parallel) slices touching whole pages.
-        assert res["grown"] < 0.7 * model_bytes
+        # fp32 compute here, so DeepSpeed's module partitions are fp32 too (its bf16 mode and the
+        # fp32 masters under it: tests/numerics/test_master_weights.py).
+        assert res["dtypes"] == ["torch.float32"], f"parameters are {res['dtypes']}, not fp32"
+        # This rank's 1/world of the model, plus slack for the tensor being read (its bf16 piece
+        # and the mmapped pages of strided, row-parallel slices): never the whole model.
+        assert res["grown"] < (1 / world + 0.15) * model_bytes

@@ -74,6 +74,8 @@ def test_hub_ids_must_be_in_the_local_cache(tmp_path, monkeypatch):
     from raytune_llama.config_checks import _check_model
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     problems = _check_model(cfg)
     assert len(problems) == 1 and "hf download meta-llama/Meta-Llama-3-8B" in problems[0]
 
@@ -92,9 +94,11 @@ def test_shipped_yaml_parses_and_validates(path, monkeypatch, tmp_path):
         cfg = load_config(path)
         if looks_like_hub_id(cfg.model.name_or_path) and not cfg.model.random_init:
             # A hub model must be in the local HF cache: lay a tiny one out under its id.
+            from raytune_llama.presets import preset_config
             from tests.hf_cache_layout import write_hub_model
-            from tests.unit.test_hf_cache import _tiny_config
 
             monkeypatch.setenv("HF_HOME", str(tmp_path))
-            write_hub_model(tmp_path, cfg.model.name_or_path, _tiny_config())
+            monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+            monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+            write_hub_model(tmp_path, cfg.model.name_or_path, preset_config("tiny-llama"))
         cfg.validate()

@@ -7,27 +7,17 @@ import pytest
 
 from raytune_llama.config import ConfigError, load_config
 from raytune_llama.engine.hf_cache import ModelNotFoundError, resolve_pretrained
+from raytune_llama.presets import preset_config
 from tests.hf_cache_layout import REVISION, write_hub_model
 
 HUB_ID = "meta-llama/Meta-Llama-3-70B"
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-def _tiny_config():
-    from transformers import AutoConfig
-
-    from raytune_llama.presets import preset_hf_config
-
-    hf = {k: v for k, v in preset_hf_config("tiny-llama").items() if not k.startswith("_")}
-    hf.pop("torch_dtype", None)
-    hf.pop("architectures", None)
-    return AutoConfig.for_model(hf.pop("model_type"), **hf)
-
-
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("hf")
-    write_hub_model(home, HUB_ID, _tiny_config())
+    write_hub_model(home, HUB_ID, preset_config("tiny-llama"))
     return home
 
 
@@ -36,6 +26,7 @@ def offline(hf_home, monkeypatch):
     # Set after huggingface_hub was imported: resolution must read the environment at call time.
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return hf_home
 
@@ -45,6 +36,37 @@ def test_hub_id_resolves_to_its_snapshot_offline(offline):
     assert path.name == REVISION and path.parent.name == "snapshots"
     assert (path / "config.json").is_file() and (path / "model.safetensors.index.json").is_file()
     assert (path / "config.json").is_symlink()  # the blobs + symlinks layout of a real cache
+
+
+def _tree_listing(hf_home, files: list[str]) -> None:
+    """The per-commit file list `hf download` keeps next to a snapshot (the repository's whole
+    tree, also files the download was told to skip)."""
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    repo = hf_home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    write_tree_cache(str(repo), REVISION, {f: TreeCacheEntry(size=1, blob_id="0" * 40) for f in files})
+
+
+def test_skipped_original_checkpoint_is_fine_a_missing_shard_is_not(offline):
+    from huggingface_hub._tree_cache import _IN_MEMORY_TREE_CACHE
+
+    snapshot = resolve_pretrained(HUB_ID)
+    present = sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
+    try:
+        # `hf download ... --exclude 'original/*'` (the 141 GB .pth copy of Llama 3 70B).
+        _tree_listing(offline, present + ["original/consolidated.00.pth", "original/params.json"])
+        _IN_MEMORY_TREE_CACHE.clear()
+        assert resolve_pretrained(HUB_ID) == snapshot
+        # An interrupted download: a weight shard the listing names is not there.
+        _tree_listing(offline, present + ["model-00009-of-00009.safetensors"])
+        _IN_MEMORY_TREE_CACHE.clear()
+        with pytest.raises(ModelNotFoundError) as err:
+            resolve_pretrained(HUB_ID)
+        assert "incomplete" in str(err.value) and "model-00009-of-00009.safetensors" in str(err.value)
+        assert f"hf download {HUB_ID}" in str(err.value)
+    finally:
+        (offline / "hub" / f"models--{HUB_ID.replace('/', '--')}" / "trees" / f"{REVISION}.json").unlink()
+        _IN_MEMORY_TREE_CACHE.clear()
 
 
 def test_missing_hub_id_names_id_hf_home_and_download_command(offline):

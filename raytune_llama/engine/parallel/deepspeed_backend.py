@@ -18,7 +18,7 @@ from torch import nn
 from raytune_llama.planner.plan import ParallelPlan
 
 from .model_stages import build_stage
-from .sharded_load import load_flat_partitions, materialize_and_load
+from .sharded_load import load_flat_partitions, materialize_and_load, reinit_rotary
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,18 @@ def build_stage_for_deepspeed(model: nn.Module, plan: ParallelPlan, load_from: s
     safetensors), no rank holds the whole model in host memory: ZeRO-3 builds it inside
     `deepspeed.zero.Init` (each parameter partitioned as it is created) and each rank reads
     only the rows covering its own partitions; ZeRO-1/2 keep a whole replica on the device,
-    which is allocated there directly and filled one tensor at a time."""
+    which is allocated there directly and filled one tensor at a time on rank 0 (DeepSpeed
+    broadcasts it to the others)."""
     if load_from is None:
         return build_stage(model, 0, 1).to(device)
+    import torch.distributed as dist
+
     if plan.zero_stage != 3:
+        # deepspeed.initialize broadcasts rank 0's parameters to every replica: only it reads.
         stage = build_stage(model, 0, 1)
-        materialize_and_load([stage], load_from, device)
+        materialize_and_load([stage], load_from, device, read_weights=dist.get_rank() == 0)
         return stage
     import deepspeed
-    import torch.distributed as dist
 
     validate_deepspeed(plan)
     _init_distributed()
@@ -86,6 +89,9 @@ def build_stage_for_deepspeed(model: nn.Module, plan: ParallelPlan, load_from: s
     with deepspeed.zero.Init(config_dict_or_path=config):
         full = type(model)(model.config)
     stage = build_stage(full, 0, 1)
+    # zero.Init casts float tensors made inside it (arange included) to the module dtype:
+    # rebuild the rotary frequencies outside it, in fp32, as every other path does.
+    reinit_rotary(stage, device)
     parts = [(name, tuple(p.ds_shape), dist.get_rank(group=p.ds_process_group) * p.ds_tensor.ds_numel,
               p.ds_tensor.data) for name, p in stage.named_parameters()]
     load_flat_partitions(parts, load_from)

@@ -17,7 +17,9 @@ def adamw_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_
     for _, p in named_params:
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        # ZeRO-3 parameters built under deepspeed.zero.Init hold an empty 1-D placeholder:
+        # decide by the full shape DeepSpeed records.
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -8,7 +8,8 @@ Fixed order, per stage module this rank holds (torchtitan's order, for the same 
   5. data parallel     - FSDP2 / DDP last: it shards whatever parameters (plain or DTensor) it finds
 With `load_from` (a meta-device model and its safetensors folder) each stage is materialised
 with only this rank's tensors and slices: after FSDP2 (which shards meta parameters, so only
-the shards are ever allocated), or just before DDP (which needs real parameters to broadcast).
+the shards are ever allocated), or just before DDP (which broadcasts dp rank 0's parameters at
+construction: only that rank reads the files).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from raytune_llama.planner.plan import ParallelPlan
 
 from .data_parallel import apply_data_parallel, uses_ddp
+from .mesh import dp_mesh
 from .model_stages import CausalLMStage, build_stage, stage_ids_for_rank
 from .pipeline import validate_pipeline
 from .recompute import apply_recompute
@@ -89,7 +91,8 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, *,
             apply_compile(stage)
         # 4. data parallel, with the weights read where the wrapper wants them (module doc)
         if load_from is not None and uses_ddp(plan):
-            materialize_and_load([stage], load_from, device)
+            # DDP broadcasts dp rank 0's parameters at construction: only that rank reads.
+            materialize_and_load([stage], load_from, device, read_weights=dp_mesh(mesh).get_local_rank() == 0)
         modules.append(apply_data_parallel(stage, plan, mesh, mixed_precision))
         if load_from is not None and not uses_ddp(plan):
             materialize_and_load([stage], load_from, device)

@@ -66,8 +66,9 @@ def _local_slices(t: torch.Tensor) -> tuple[slice, ...]:
     return tuple(slice(o, o + n) for o, n in zip(offset, shape))
 
 
-def _reinit_rotary(stage: nn.Module, device: torch.device) -> None:
-    # Rotary inv_freq is a non-persistent buffer (not in the checkpoint): rebuild the module.
+def reinit_rotary(stage: nn.Module, device: torch.device) -> None:
+    """Rebuild the rotary embedding on `device`: its inv_freq is a non-persistent buffer (not in
+    the checkpoint), left empty by to_empty."""
     body = getattr(stage, "model", None)
     rotary = getattr(body, "rotary_emb", None)
     if rotary is not None:
@@ -94,7 +95,9 @@ def _read_into(local: torch.Tensor, index: dict[str, str], key: str, slices: tup
     from safetensors import safe_open
 
     if key not in index:
-        raise KeyError(f"parameter {key} not found in the safetensors checkpoint at {path}")
+        raise KeyError(f"parameter {key} not found in the safetensors checkpoint at {path}: its config.json "
+                       f"and its weights disagree (model_type, num_hidden_layers, tie_word_embeddings?); "
+                       f"re-save the model with save_pretrained")
     # Open per tensor on purpose: the file is mmapped and every page touched counts as
     # resident until the mapping closes, so a handle kept open for the whole load would make
     # each rank look (and be charged) as if it held most of the file.
@@ -105,8 +108,10 @@ def _read_into(local: torch.Tensor, index: dict[str, str], key: str, slices: tup
 
 
 @torch.no_grad()
-def materialize_and_load(stages: list[nn.Module], path: str, device: torch.device) -> int:
-    """Allocate this rank's shards of meta `stages` and fill them from safetensors; returns bytes read."""
+def materialize_and_load(stages: list[nn.Module], path: str, device: torch.device, read_weights: bool = True) -> int:
+    """Allocate this rank's shards of meta `stages` and fill them from safetensors; returns bytes
+    read. read_weights=False only allocates: for whole replicas that the wrapper then broadcasts
+    from one rank (DDP, DeepSpeed ZeRO-1/2), so that one rank, not every rank, reads the files."""
     index = safetensors_index(path)
     read = 0
     for stage in stages:
@@ -114,8 +119,8 @@ def materialize_and_load(stages: list[nn.Module], path: str, device: torch.devic
         stage.to_empty(device=device)
         for module, name, owner, owner_name in tied:
             setattr(module, name, getattr(owner, owner_name))
-        _reinit_rotary(stage, device)
-        for name, param in stage.named_parameters():
+        reinit_rotary(stage, device)
+        for name, param in stage.named_parameters() if read_weights else ():
             local = param.to_local() if isinstance(param, DTensor) else param
             read += _read_into(local, index, clean_fqn(name), _local_slices(param), path)
     log.info("sharded load: read %.1f MiB of local shards from %s", read / 2**20, path)

@@ -125,8 +125,14 @@ def apply_tensor_parallel(stage: CausalLMStage, tp_mesh: DeviceMesh, sequence_pa
                 f"vocabulary size ({stage.config.vocab_size})"
             )
         outer = {k: v for k, v in outer.items() if k == "model.norm"}
+    tied = (getattr(stage.config, "tie_word_embeddings", False) and stage.is_first and stage.is_last
+            and stage.lm_head.weight is stage.model.embed_tokens.weight)
     if outer:
         parallelize_module(stage, tp_mesh, outer)
+    if tied and vocab_ok:
+        # Each style made its own DTensor of the shared weight; both shard the vocabulary (dim
+        # 0) over tp, so one parameter serves both again and the tie keeps training as one.
+        stage.lm_head.weight = stage.model.embed_tokens.weight
     layer_plan = decoder_layer_tp_plan(sequence_parallel)
     for layer in stage.model.layers.values():
         parallelize_module(layer, tp_mesh, layer_plan)
