@@ -1,4 +1,4 @@
-"""`raytune-llama` command line: finetune | plan | estimate | calibrate.
+"""`raytune-llama` command line: finetune | plan | estimate | calibrate | dryrun.
 
     raytune-llama finetune examples/configs/tiny_cpu.yaml --set train.max_steps=20
     raytune-llama plan --model llama3-70b --hardware mi250 --nodes 8 --devices-per-node 8 \
@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Optional
 
-from raytune_llama.cli import finetune_command, plan_commands
+from raytune_llama.cli import dryrun_command, finetune_command, plan_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     finetune_command.register(sub)
     plan_commands.register(sub)
+    dryrun_command.register(sub)
     return parser
 
 

@@ -255,15 +255,16 @@ def memory_breakdown(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
     stages = sorted({0, plan.pp - 1})
     best = None
     for stage in stages:
-        mb = _stage_memory(model, cluster, workload, plan, stage)
+        mb = stage_memory(model, cluster, workload, plan, stage)
         if best is None or mb.total > best.total:
             best = mb
     assert best is not None
     return best
 
 
-def _stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan,
-                  stage: int) -> MemoryBreakdown:
+def stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan,
+                 stage: int) -> MemoryBreakdown:
+    """Predicted peak bytes of one device of pipeline stage `stage`, by term."""
     hw = cluster.hardware
     st = model_state_bytes(model, plan, workload, stage)
     c = workload.compute_bytes
