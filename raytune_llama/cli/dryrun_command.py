@@ -185,6 +185,39 @@ def dryrun_config(cfg, *, world: int | None, nodes: int | None, devices_per_node
             "stages": stages, "max_abs_error": max(error_of(s) for s in stages)}
 
 
+def verify_plan(model: str, plan, cluster, workload) -> dict:
+    """`plan --verify`: dry-run `plan` (one rank per pipeline stage) for the model (registry name,
+    hub id, model folder or config.json) on `cluster` (a ClusterSpec) with `workload`'s sequence
+    length and precision; the --json "verify" object."""
+    from raytune_llama.engine.dryrun import dry_run_isolated
+
+    path = Path(model).expanduser()
+    if path.is_file():
+        hf_config, source = json.loads(path.read_text()), str(path)
+    else:
+        hf_config, source = model_config(model)
+    stages = []
+    for rank in stage_ranks(plan, None):
+        t0 = time.perf_counter()
+        result = dry_run_isolated(
+            hf_config, plan, rank=rank, world_size=plan.world_size, seq_len=workload.seq_len,
+            mixed_precision="bf16" if workload.compute_dtype == "bf16" else None,
+            master_weights="bf16" if workload.optimizer == "adamw_bf16" else "fp32",
+            hardware=cluster.hardware.name, nodes=cluster.nodes, devices_per_node=cluster.devices_per_node)
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        stages.append(result)
+    return {"model_config_source": source, "error_basis": "tensor bytes: planner total minus runtime reserve and "
+            "fragmentation", "stages": stages, "max_abs_error": max(error_of(s) for s in stages)}
+
+
+def format_verification(report: dict) -> str:
+    """The text `plan --verify` prints after the plan."""
+    lines = [f"verified by a dry run (model config from {report['model_config_source']}):"]
+    lines += [format_stage(stage) for stage in report["stages"]]
+    lines.append(f"max |measured - predicted| / predicted over tensor bytes: {report['max_abs_error']:.1%}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     """Load the config, plan it, dry-run the ranks and print the comparison."""
     try:

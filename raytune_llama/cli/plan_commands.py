@@ -1,4 +1,5 @@
-"""`raytune-llama plan | estimate | calibrate`: the planner on the command line (no torch/ray import).
+"""`raytune-llama plan | estimate | calibrate`: the planner on the command line (no torch/ray import;
+`plan --verify` alone imports the engine, to dry-run the chosen layout).
 
     raytune-llama plan --model llama3-70b --hardware mi250 --nodes 8 --seq-len 1024 --global-batch 512
     raytune-llama estimate --model llama3-70b --hardware mi250 --nodes 8 --seq-len 1024 \
@@ -72,7 +73,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """Run `plan`: print the chosen layout, predictions, alternatives and rejects."""
     cluster, wl = _inputs(args)
     res = plan(args.model, cluster, wl)
-    print(json.dumps(res.to_dict(), indent=2) if args.json else res.to_text())
+    if not args.verify:
+        print(json.dumps(res.to_dict(), indent=2) if args.json else res.to_text())
+        return 0
+    # --verify: the chosen layout's one training step under a fake process group (needs torch).
+    from raytune_llama.cli.dryrun_command import format_verification, verify_plan
+
+    report = verify_plan(args.model, res.plan, cluster, wl)
+    print(json.dumps({**res.to_dict(), "verify": report}, indent=2) if args.json
+          else res.to_text() + "\n\n" + format_verification(report))
     return 0
 
 
@@ -107,6 +116,10 @@ def register(subparsers: Any) -> None:
     """Add the plan, estimate and calibrate subcommands to an argparse subparsers object."""
     p = subparsers.add_parser("plan", help="choose the fastest parallel layout that fits")
     _workload_flags(p)
+    p.add_argument("--verify", action="store_true",
+                   help="also dry-run the chosen layout (one rank per pipeline stage, fake process group and "
+                        "fake tensors; needs torch, ~1 min per 70B rank) and print its measured memory next to "
+                        "the prediction (docs/planner.md, 'How the planner is checked')")
     p.set_defaults(func=cmd_plan)
     e = subparsers.add_parser("estimate", help="predict memory and step time of one layout")
     _workload_flags(e)

@@ -108,3 +108,25 @@ def test_cli_helpers_pick_the_registry_config_the_topology_and_one_rank_per_stag
     plan = ParallelPlan(dp_shard=2, zero_stage=1, tp=8, sequence_parallel=True, pp=4, grad_accum=8)
     assert stage_ranks(plan, None) == [0, 8, 16, 24]  # mesh dp_replicate, dp_shard, pp, tp (tp innermost)
     assert stage_ranks(plan, [5]) == [5]
+
+
+def test_plan_verify_dry_runs_the_chosen_layout(capsys):
+    """`raytune-llama plan --verify`: the chosen layout is dry-run for every pipeline stage and
+    the JSON carries the measured peak next to the prediction (model states match exactly)."""
+    import json
+
+    from raytune_llama.cli.plan_commands import main
+
+    assert main(["plan", "--model", "tiny-llama", "--hardware", "cpu", "--nodes", "1", "--devices-per-node", "2",
+                 "--seq-len", "64", "--global-batch", "8", "--compute-dtype", "fp32", "--verify", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    stages = out["verify"]["stages"]
+    assert len(stages) == out["plan"]["pp"]  # one rank per pipeline stage
+    for stage in stages:
+        # Within the rotary inv_freq buffer (64 bytes here), which the tracker files with parameters.
+        assert stage["measured_peak_bytes"]["params"] == pytest.approx(stage["predicted_bytes"]["params"], abs=256)
+        # Within AdamW's scalar `step` per parameter tensor (4 bytes each, 156 bytes here).
+        assert stage["measured_peak_bytes"]["optimizer"] == pytest.approx(stage["predicted_bytes"]["optimizer"],
+                                                                          abs=1024)
+        assert stage["facts"]["param_dtypes"] == ["torch.float32"]
+    assert out["verify"]["max_abs_error"] >= 0
