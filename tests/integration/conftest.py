@@ -80,7 +80,7 @@ def ray_head():
                    client_port)
     try:
         _wait_for_dashboard(head, proc)
-        ray.init(address=head.gcs_address, log_to_driver=False)
+        _connect(head, proc)
         yield head
     finally:
         ray.shutdown()
@@ -100,6 +100,26 @@ def _stop_process_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _connect(head: RayHead, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+    """ray.init to the head, retried: on a loaded machine the head's raylet can register with
+    its GCS after the dashboard already answers, and until then ray.init finds no node to
+    attach to ("No node info found matching attributes")."""
+    import ray
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            ray.init(address=head.gcs_address, log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError):
+            ray.shutdown()
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {proc.returncode}; see {head.temp_dir}/head.log")
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout_s: float = 90) -> None:
