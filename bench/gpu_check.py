@@ -8,7 +8,7 @@ them with the planner's estimate() for the truncated model. Finishes in < 5 minu
 
 Timing: torch.cuda.synchronize() before every clock read; step time = median of --steps steps
 after --warmup. Peak = torch.cuda.max_memory_allocated() over the measured steps (reserved too).
-Model FLOPs per token = 6 * N_nonembedding + 12 * L * d * s (PLANNER_FACTS; lm_head counted);
+Model FLOPs per token = 6 * N_nonembedding + 12 * L * d * s (docs/planner.md; lm_head counted);
 MFU peak = the planner's h100/h200 profile peak_flops (989e12), picked by device name.
 Pure-bf16 training (weights, grads, AdamW m/v in bf16) = the planner's optimizer "adamw_bf16".
 """

@@ -1,4 +1,4 @@
-"""Exactly-once audit of the training data (RELIABILITY.md R5). With `data.id_column` set, the
+"""Exactly-once audit of the training data (reliability item R5: README, "Fault tolerance and elasticity"). With `data.id_column` set, the
 packed rows carry the ids of the documents that start in them, and after every step each
 rank reports the ids of the rows it trained on, tagged with its worker group (attempt).
 

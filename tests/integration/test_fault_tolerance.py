@@ -1,4 +1,4 @@
-"""Fault tolerance on the shared head (RELIABILITY.md): a SIGKILLed worker is restarted from
+"""Fault tolerance on the shared head (README, "Fault tolerance and elasticity"): a SIGKILLed worker is restarted from
 the latest checkpoint and the run finishes with exactly the losses of an uninterrupted run
 (R7, R4); with 0, 1 and 3 injected failures every document id of the corpus is trained on
 exactly once, in order (R5, audited through the real Ray Data pipeline); a checkpoint saved

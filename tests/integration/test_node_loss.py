@@ -1,4 +1,4 @@
-"""Node loss and return on a multi-node local cluster (RELIABILITY.md R7, elastic runs).
+"""Node loss and return on a multi-node local cluster (reliability item R7, elastic runs: README, "Fault tolerance and elasticity").
 
 This module starts its own `ray.cluster_utils.Cluster`: a 1-CPU head (driver, Ray Train
 controller, progress board, and a CPU for Ray Data tasks, e.g. rebuilding dataset blocks that

@@ -1,4 +1,4 @@
-"""Resharding harness (RELIABILITY.md R6): train K steps under layout X at world size A, save a
+"""Resharding harness (reliability item R6: README, "Fault tolerance and elasticity"): train K steps under layout X at world size A, save a
 checkpoint with the production code (engine/checkpoint_io.py), then in another spawned group
 of world size B load it into layout Y, compare the gathered model + optimizer state with what
 was saved, and train the remaining steps on the same global batches.

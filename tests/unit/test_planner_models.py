@@ -1,4 +1,4 @@
-"""Memory and time models: PLANNER_FACTS formulas, link choice, and MFU of published runs."""
+"""Memory and time models: the formulas of docs/planner.md, link choice, and MFU of published runs."""
 import pytest
 
 from raytune_llama.planner.api import estimate
