@@ -85,7 +85,8 @@ class ModelSpec:
     @property
     def n_nonembedding(self) -> int:
         """Parameters that take part in matmuls per token: all but the input embedding lookup
-        (the lm_head matmul counts, tied or not), per the 6 N_nonembedding + 12 L d s convention of docs/planner.md (MFU)."""
+        (the lm_head matmul counts, tied or not), per the 6 N_nonembedding + 12 L d s
+        convention of docs/planner.md (MFU)."""
         return self.num_layers * self.layer_params + self.hidden_size + self.vocab_size * self.hidden_size
 
     def model_flops_per_token(self, seq_len: int) -> float:
