@@ -154,7 +154,6 @@ def topology(world: int, nodes: int | None, devices_per_node: int | None, hardwa
 def dryrun_config(cfg, *, world: int | None, nodes: int | None, devices_per_node: int | None,
                   hardware: str | None, ranks: list[int] | None) -> dict:
     """Plan `cfg` on the given topology and dry-run the chosen ranks; the --json object."""
-    from raytune_llama.engine.dryrun import dry_run_isolated
     from raytune_llama.trainer.planning import Topology, at_world_size, compute_dtype, make_run_plan
 
     p = cfg.parallel
@@ -170,14 +169,8 @@ def dryrun_config(cfg, *, world: int | None, nodes: int | None, devices_per_node
         run_plan = make_run_plan(at_world_size(cfg, world), folder, topology=Topology(hw, nodes, dpn))
     plan = run_plan.plan
     mp = "bf16" if compute_dtype(p.mixed_precision, p.use_gpu) == "bf16" else None
-    stages = []
-    for rank in stage_ranks(plan, ranks):
-        t0 = time.perf_counter()
-        result = dry_run_isolated(hf_config, plan, rank=rank, world_size=world, seq_len=cfg.data.seq_len,
-                                  mixed_precision=mp, master_weights=p.master_weights, hardware=hw, nodes=nodes,
-                                  devices_per_node=dpn)
-        result["wall_s"] = round(time.perf_counter() - t0, 1)
-        stages.append(result)
+    stages = dry_run_stages(hf_config, plan, stage_ranks(plan, ranks), seq_len=cfg.data.seq_len, mixed_precision=mp,
+                            master_weights=p.master_weights, hardware=hw, nodes=nodes, devices_per_node=dpn)
     return {"plan": plan.to_dict(), "layout": plan.describe(), "plan_source": run_plan.source,
             "model_config_source": source, "topology": {"hardware": hw, "nodes": nodes, "devices_per_node": dpn},
             "seq_len": cfg.data.seq_len,
@@ -185,27 +178,33 @@ def dryrun_config(cfg, *, world: int | None, nodes: int | None, devices_per_node
             "stages": stages, "max_abs_error": max(error_of(s) for s in stages)}
 
 
+def dry_run_stages(hf_config: dict, plan, ranks: list[int], **kwargs) -> list[dict]:
+    """dry_run_isolated for each of `ranks` (one fresh process each), with its wall time."""
+    from raytune_llama.engine.dryrun import dry_run_isolated
+
+    stages = []
+    for rank in ranks:
+        t0 = time.perf_counter()
+        result = dry_run_isolated(hf_config, plan, rank=rank, world_size=plan.world_size, **kwargs)
+        result["wall_s"] = round(time.perf_counter() - t0, 1)
+        stages.append(result)
+    return stages
+
+
 def verify_plan(model: str, plan, cluster, workload) -> dict:
     """`plan --verify`: dry-run `plan` (one rank per pipeline stage) for the model (registry name,
     hub id, model folder or config.json) on `cluster` (a ClusterSpec) with `workload`'s sequence
     length and precision; the --json "verify" object."""
-    from raytune_llama.engine.dryrun import dry_run_isolated
-
     path = Path(model).expanduser()
     if path.is_file():
         hf_config, source = json.loads(path.read_text()), str(path)
     else:
         hf_config, source = model_config(model)
-    stages = []
-    for rank in stage_ranks(plan, None):
-        t0 = time.perf_counter()
-        result = dry_run_isolated(
-            hf_config, plan, rank=rank, world_size=plan.world_size, seq_len=workload.seq_len,
-            mixed_precision="bf16" if workload.compute_dtype == "bf16" else None,
-            master_weights="bf16" if workload.optimizer == "adamw_bf16" else "fp32",
-            hardware=cluster.hardware.name, nodes=cluster.nodes, devices_per_node=cluster.devices_per_node)
-        result["wall_s"] = round(time.perf_counter() - t0, 1)
-        stages.append(result)
+    stages = dry_run_stages(hf_config, plan, stage_ranks(plan, None), seq_len=workload.seq_len,
+                            mixed_precision="bf16" if workload.compute_dtype == "bf16" else None,
+                            master_weights="bf16" if workload.optimizer == "adamw_bf16" else "fp32",
+                            hardware=cluster.hardware.name, nodes=cluster.nodes,
+                            devices_per_node=cluster.devices_per_node)
     return {"model_config_source": source, "error_basis": "tensor bytes: planner total minus runtime reserve and "
             "fragmentation", "stages": stages, "max_abs_error": max(error_of(s) for s in stages)}
 
