@@ -50,6 +50,9 @@ def register(subparsers: Any) -> None:
     which.add_argument("--rank", type=int, action="append", help="dry-run this global rank (repeatable)")
     which.add_argument("--all-stages", action="store_true",
                        help="one rank per pipeline stage (the default): stages hold different layers")
+    p.add_argument("--explain", type=int, default=0, metavar="N",
+                   help="also list the N largest groups of tensors the step created that are live at its peak "
+                        "(by phase, module and op)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -111,8 +114,8 @@ def compare(result: dict) -> list[tuple[str, float, float]]:
 def format_stage(result: dict) -> str:
     """One stage's table: category, predicted GiB, measured GiB, ratio."""
     pred = result["predicted_bytes"]
-    lines = [f"rank {result['rank']} (pipeline stage {result['pp_stage']}), family {pred['state_family']}: "
-             f"build {result['build_s']:.1f} s, step {result['step_s']:.1f} s",
+    lines = [f"rank {result['rank']} (pipeline stage {result['pp_stage']}), family {pred['state_family']}, "
+             f"predicted peak at: {pred['phase']}; build {result['build_s']:.1f} s, step {result['step_s']:.1f} s",
              f"  {'category':<20}{'predicted GiB':>15}{'measured GiB':>15}{'measured/pred':>15}"]
     for label, p, m in compare(result):
         ratio = f"{m / p:.2f}" if p else "-"
@@ -125,6 +128,10 @@ def format_stage(result: dict) -> str:
         lines.append(f"  lm_head output per micro-batch on this rank: {logits['shape']} {logits['dtype']}")
     lines.append(f"  master weights {result['facts']['param_dtypes']}, optimizer state "
                  f"{result['facts']['optimizer_state_dtypes']}")
+    if result.get("live_at_peak"):
+        lines.append("  created during the step and live at its peak (parameters and optimizer state not listed):")
+        lines += [f"    {row['bytes'] / GIB:9.3f} GiB  x{row['storages']:<4d} {row['group']}"
+                  for row in result["live_at_peak"]]
     return "\n".join(lines)
 
 
@@ -152,7 +159,7 @@ def topology(world: int, nodes: int | None, devices_per_node: int | None, hardwa
 
 
 def dryrun_config(cfg, *, world: int | None, nodes: int | None, devices_per_node: int | None,
-                  hardware: str | None, ranks: list[int] | None) -> dict:
+                  hardware: str | None, ranks: list[int] | None, explain: int = 0) -> dict:
     """Plan `cfg` on the given topology and dry-run the chosen ranks; the --json object."""
     from raytune_llama.trainer.planning import Topology, at_world_size, compute_dtype, make_run_plan
 
@@ -170,7 +177,8 @@ def dryrun_config(cfg, *, world: int | None, nodes: int | None, devices_per_node
     plan = run_plan.plan
     mp = "bf16" if compute_dtype(p.mixed_precision, p.use_gpu) == "bf16" else None
     stages = dry_run_stages(hf_config, plan, stage_ranks(plan, ranks), seq_len=cfg.data.seq_len, mixed_precision=mp,
-                            master_weights=p.master_weights, hardware=hw, nodes=nodes, devices_per_node=dpn)
+                            master_weights=p.master_weights, hardware=hw, nodes=nodes, devices_per_node=dpn,
+                            explain=explain)
     return {"plan": plan.to_dict(), "layout": plan.describe(), "plan_source": run_plan.source,
             "model_config_source": source, "topology": {"hardware": hw, "nodes": nodes, "devices_per_node": dpn},
             "seq_len": cfg.data.seq_len,
@@ -222,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, list(args.overrides))
         out = dryrun_config(cfg, world=args.world_size, nodes=args.nodes, devices_per_node=args.devices_per_node,
-                            hardware=args.hardware, ranks=args.rank)
+                            hardware=args.hardware, ranks=args.rank, explain=args.explain)
     except (ConfigError, ValueError) as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2

@@ -55,11 +55,13 @@ def summed_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_mesh
 
         if not isinstance(logits, DTensor):
             logits = DTensor.from_local(logits, vocab_mesh, [Shard(logits.dim() - 1)], run_check=False)
-    shift_logits = logits[..., :-1, :].contiguous().float()
-    shift_labels = labels[..., 1:].contiguous().to(shift_logits.device)
+    # The labels move one position left (the last position gets no target) instead of the logits
+    # dropping their last position: slicing the logits would copy them (a second bf16 logits
+    # tensor in forward) and its backward would allocate a zero-filled one in backward.
+    next_labels = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX).to(logits.device)
     ce = F.cross_entropy(
-        shift_logits.view(-1, shift_logits.size(-1)),
-        shift_labels.view(-1),
+        logits.float().view(-1, logits.size(-1)),
+        next_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )

@@ -22,7 +22,7 @@ def memory_dict(mem: MemoryBreakdown, limit: float, capacity: float) -> dict[str
     """JSON view of a memory breakdown."""
     return {"total": int(mem.total), "limit": int(limit), "capacity": int(capacity),
             "headroom_bytes": int(capacity - mem.total), "dominant": mem.dominant, "stage": mem.stage,
-            "state_family": mem.state_family,
+            "state_family": mem.state_family, "phase": mem.phase,
             "breakdown": {k: int(v) for k, v in mem.terms().items()}}
 
 
@@ -100,7 +100,7 @@ def _predictions(mem: MemoryBreakdown, t: TimeBreakdown, limit: float, capacity:
     parts = ", ".join(f"{k} {gib(v)}" for k, v in mem.terms().items() if v > 0)
     return [f"memory per device: {gib(mem.total)} of {gib(capacity)} (limit {gib(limit)} after headroom; "
             f"free {gib(capacity - mem.total)}); dominant term: {mem.dominant}",
-            f"  breakdown (pipeline stage {mem.stage}): {parts}",
+            f"  breakdown (pipeline stage {mem.stage}, at its peak: {mem.phase}): {parts}",
             f"step time: {t.step_time:.3f} s   tokens/s: {t.tokens_per_s:,.0f}   "
             f"tokens/s/device: {t.tokens_per_s_per_device:,.1f}   MFU: {t.mfu:.1%} (HFU {t.hfu:.1%})",
             "  breakdown: " + ", ".join(f"{k} {v:.3g} s" for k, v in t.terms().items() if v > 0)

@@ -11,11 +11,24 @@ the forward/backward (bf16 on accelerators, fp32 on CPU).
 
 Activation bytes per layer per micro-batch (b sequences of s tokens, width h, kv width h_kv, FFN
 width I; in bf16 elements of 2 bytes, scaled by compute bytes / 2 for fp32 compute), derived for a
-Llama block with SDPA/flash attention (no s^2 term), no dropout:
+Llama block with SDPA/flash attention (no s^2 term), no dropout, and checked against the dry run
+(engine/dryrun/, docs/planner.md "How the planner is checked"):
   none:      12sbh + 4sb*h_kv + 8sbI   (norm in/out x2, q, k, v, attn out; gate, up, silu, mul)
-  selective: 8sbh + 4sb*h_kv + 4sbI    (norm outputs and the SwiGLU silu/mul are recomputed)
+  selective: what engine/parallel/recompute.py saves: every matmul output (q, k, v, o, gate, up,
+             down), the attention output and the layer input: 10sbh + 4sb*h_kv + 4sbI. Under
+             tensor parallel the o/down outputs are saved before their reduction (full size,
+             partial sums), and so are the collectives' outputs: with sequence parallel the two
+             all-gathered norm outputs (full sequence) and the two reduce-scattered outputs,
+             8sbh + (10sbh + 4sb*h_kv + 4sbI)/tp; without it the replicated layer input and the
+             two all-reduced outputs, 10sbh + (4sbh + 4sb*h_kv + 4sbI)/tp.
   full:      2sbh                      (only the layer input; the layer is re-run in backward)
-With tensor + sequence parallel every term divides by tp. Plus flash's fp32 logsumexp (4sba).
+With tensor + sequence parallel the none/full terms divide by tp. Plus flash's fp32 logsumexp (4sba).
+
+The peak is taken over the phases of a step (`PHASES`), each with the terms live then: the loss
+(all saved activations, the head's and the loss's buffers), the first layer's backward (saved
+activations, the layer being recomputed, gathered FSDP units) and the end of backward (every
+gradient, the last unit's reduction buffers). Gradients count in the first two only where they
+outlive a step's first micro-batch (gradient accumulation, pipelining).
 """
 from __future__ import annotations
 
@@ -29,7 +42,12 @@ from raytune_llama.planner.workload import Workload
 
 GIB = 2**30
 FP32 = 4
-LOSS_FP32_BYTES = 4 + 4  # per logit: the loss's fp32 upcast (log-softmax) and the fp32 grad of the logits
+# Per logit at the loss's peak, in backward (the compute-dtype logits are freed by then): the fp32
+# log-probabilities saved by log-softmax and two fp32 gradients (nll's and log-softmax's); torch's
+# vocab-parallel cross-entropy (loss_parallel) keeps a third fp32 temporary in its fused backward.
+LOSS_BYTES = 4 + 4 + 4
+LOSS_PARALLEL_BYTES = LOSS_BYTES + 4
+PHASES = ("loss", "backward", "end of backward")
 # DeepSpeed ZeRO defaults the engine keeps (its config sets none of them).
 DS_REDUCE_BUCKET = 5e8   # zero_optimization.reduce_bucket_size, elements
 DS_MAX_LIVE = 1e9        # stage3_max_live_parameters (max_reuse_distance is 1e9 too), elements
@@ -39,9 +57,18 @@ STATE_FAMILIES = ("single", "ddp", "replicate", "fsdp_zero1", "fsdp_zero2", "fsd
                   "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3")
 
 
-def logit_bytes(workload: Workload) -> int:
-    """Bytes per logit on the last stage: compute-dtype logits + fp32 upcast + fp32 grad."""
-    return workload.compute_bytes + LOSS_FP32_BYTES
+def logit_bytes(vocab_parallel: bool = False) -> int:
+    """Bytes per logit live at the loss's peak on the last stage (fp32 whatever the compute dtype)."""
+    return LOSS_PARALLEL_BYTES if vocab_parallel else LOSS_BYTES
+
+
+def head_bytes(model: ModelSpec, seq_len: int, mbs: int, tp: int, sequence_parallel: bool,
+               dtype_bytes: int) -> float:
+    """Last stage, besides the logits: the final norm's fp32 input and compute-dtype output, and
+    under sequence parallel the all-gathered full-sequence input of the lm_head."""
+    sbh = seq_len * mbs * model.hidden_size
+    norm = (FP32 + dtype_bytes) * sbh / (tp if sequence_parallel else 1)
+    return norm + (dtype_bytes * sbh if (tp > 1 and sequence_parallel) else 0.0)
 
 
 def layer_activation_bytes(model: ModelSpec, seq_len: int, mbs: int, tp: int, recompute: str,
@@ -56,7 +83,12 @@ def layer_activation_bytes(model: ModelSpec, seq_len: int, mbs: int, tp: int, re
     if recompute == "full":
         return e * 2.0 * sb * h * rep / tp
     if recompute == "selective":
-        return (e * (4.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 4.0 * sb * inter) + lse) / tp
+        sharded = 4.0 * sb * kv + 4.0 * sb * inter
+        if tp == 1:
+            return e * (10.0 * sb * h + sharded) + lse
+        if sequence_parallel:
+            return e * (8.0 * sb * h + (10.0 * sb * h + sharded) / tp) + lse / tp
+        return e * (10.0 * sb * h + (4.0 * sb * h + sharded) / tp) + lse / tp
     return (e * (8.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 8.0 * sb * inter) + lse) / tp
 
 
@@ -99,6 +131,8 @@ class MemoryBreakdown:
     """Parameters held by this device's TP/PP slice before data-parallel sharding."""
     state_family: str = ""
     """How the engine holds the model states (one of STATE_FAMILIES)."""
+    phase: str = ""
+    """The moment of the step the terms are taken at (one of PHASES): the one with the highest total."""
 
     @property
     def total(self) -> float:
@@ -159,11 +193,23 @@ class ModelStateBytes:
     """One of STATE_FAMILIES."""
     params_local: float
     """Parameters of this device's TP/PP slice before data-parallel sharding."""
+    backward_buffers: float | None = None
+    """In flight while a decoder layer runs backward, where it differs from `buffers`."""
+    end_buffers: float | None = None
+    """In flight at the end of backward (the last unit's reduction), where it differs from `buffers`."""
+    freed_by_end: float = 0.0
+    """Part of `params` freed before the end of backward (ZeRO-3's root, resharded after its backward)."""
 
     @property
     def total(self) -> float:
         """All model-state bytes."""
         return self.params + self.grads + self.optimizer + self.buffers + self.comm
+
+    @property
+    def end_total(self) -> float:
+        """Model-state bytes at the end of backward: never more than the step's peak."""
+        end = self.buffers if self.end_buffers is None else self.end_buffers
+        return self.params - self.freed_by_end + self.grads + self.optimizer + end + self.comm
 
 
 def state_family(plan: ParallelPlan) -> str:
@@ -205,9 +251,14 @@ def model_state_bytes(model: ModelSpec, plan: ParallelPlan, workload: Workload, 
     inflight_grad = (c + g) * unit  # one unit's compute-dtype grads + its reduce-dtype reduce-scatter input
     if fam == "fsdp_zero3":
         # reshard_after_forward=True: two blocks gathered (current + prefetch); the root is not
-        # resharded after forward, so it stays gathered from forward to backward.
+        # resharded after forward, so it stays gathered until its own backward ends (last), and
+        # the lm_head's compute-dtype gradient waits for that reduction while the layers run
+        # backward. At the end of backward the root is resharded and its gradients reduced.
         gathered = min(2, stage_layers(model, plan)) * c * layer
-        return ModelStateBytes(m * psi / d + c * root, g * psi / d, opt / d, gathered + inflight_grad, 0.0, fam, psi)
+        head = model.vocab_size * model.hidden_size / plan.tp if stage == plan.pp - 1 else 0.0
+        return ModelStateBytes(m * psi / d + c * root, g * psi / d, opt / d, gathered + inflight_grad, 0.0, fam, psi,
+                               backward_buffers=gathered + (c + g) * layer + c * head,
+                               end_buffers=(c + g) * root, freed_by_end=c * root)
     # zero 1/2 (reshard_after_forward=False), replicate, and any FSDP under pipeline parallel
     # (pipelining turns reshard-after-backward off until the last micro-batch): the whole
     # stage's unsharded compute copy stays resident through forward and backward.
@@ -245,8 +296,9 @@ def _deepspeed_states(model: ModelSpec, plan: ParallelPlan, workload: Workload, 
 
 
 def model_state_peak(model: ModelSpec, plan: ParallelPlan, workload: Workload) -> float:
-    """Largest model-state bytes over the first and last pipeline stage."""
-    return max(model_state_bytes(model, plan, workload, s).total for s in {0, plan.pp - 1})
+    """Largest end-of-backward model-state bytes over the first and last pipeline stage: a lower
+    bound of the peak (the search rejects layouts whose model states alone cannot fit)."""
+    return max(model_state_bytes(model, plan, workload, s).end_total for s in {0, plan.pp - 1})
 
 
 def memory_breakdown(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
@@ -262,9 +314,22 @@ def memory_breakdown(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
     return best
 
 
+def vocab_parallel(model: ModelSpec, plan: ParallelPlan) -> bool:
+    """Whether the engine vocab-shards the last stage's logits over tp (loss parallel)."""
+    return plan.backend == "torch" and plan.tp > 1 and model.vocab_size % plan.tp == 0
+
+
+def grads_live_in_forward(plan: ParallelPlan) -> bool:
+    """Whether gradients exist while a micro-batch's forward and loss run: the optimizer step ends
+    with zero_grad(set_to_none), so only a step of several micro-batches (gradient accumulation,
+    or a pipeline schedule) carries gradients from one micro-batch into the next one's forward."""
+    return plan.grad_accum > 1 or plan.pp > 1
+
+
 def stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan,
                  stage: int) -> MemoryBreakdown:
-    """Predicted peak bytes of one device of pipeline stage `stage`, by term."""
+    """Predicted peak bytes of one device of pipeline stage `stage`, by term, at the phase of the
+    step (PHASES) where their sum is highest."""
     hw = cluster.hardware
     st = model_state_bytes(model, plan, workload, stage)
     c = workload.compute_bytes
@@ -272,18 +337,38 @@ def stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, pla
     sp = plan.sequence_parallel
     per_layer = layer_activation_bytes(model, s, b, plan.tp, plan.recompute, sp, c)
     working = layer_activation_bytes(model, s, b, plan.tp, "none", sp, c)  # the layer being (re)computed
-    acts = (per_layer * stage_layers(model, plan) * inflight_microbatches(plan, stage) + working)
-    acts *= hw.activation_scale
-    logits = 0.0
-    if stage == plan.pp - 1:
-        # Vocab-sharded through the loss under tp (loss parallel): V/tp columns per rank.
-        logits = logit_bytes(workload) * s * b * model.vocab_size / plan.tp * hw.activation_scale
+    saved = per_layer * stage_layers(model, plan) * inflight_microbatches(plan, stage) * hw.activation_scale
+    working *= hw.activation_scale
+    last = stage == plan.pp - 1
+    loss = 0.0
+    if last:
+        vp = vocab_parallel(model, plan)
+        vocab = model.vocab_size / (plan.tp if vp else 1)
+        loss = (logit_bytes(vp) * s * b * vocab
+                + head_bytes(model, s, b, plan.tp, sp, c)) * hw.activation_scale
     comm = st.comm
     if plan.pp > 1:  # pipeline send/recv buffers: activations and their grads, both directions
         comm += 4 * c * s * b * model.hidden_size / plan.tp
-    frag = hw.fragmentation * (acts + logits + st.buffers)
-    return MemoryBreakdown(st.params, st.grads, st.optimizer, st.buffers, acts, logits, comm,
-                           hw.runtime_reserved_bytes, frag, stage, st.params_local, st.family)
+    if st.family.startswith("deepspeed"):
+        # DeepSpeed's buffers are not dry-run checked: every term is taken as live at once.
+        phases = {"backward": (0.0, st.grads, st.buffers, saved + working, loss)}
+    else:
+        early_grads = st.grads if grads_live_in_forward(plan) else 0.0
+        in_backward = st.buffers if st.backward_buffers is None else st.backward_buffers
+        at_end = st.buffers if st.end_buffers is None else st.end_buffers
+        phases = {
+            # FSDP's gathered units are counted in params (the root) or are freed at this point.
+            "loss": (0.0, early_grads, 0.0, saved, loss),
+            "backward": (0.0, early_grads, in_backward, saved + working, 0.0),
+            "end of backward": (-st.freed_by_end, st.grads, at_end, 0.0, 0.0),
+        }
+    if not last:
+        phases.pop("loss", None)
+    phase = max(phases, key=lambda k: sum(phases[k]))
+    freed, grads, buffers, acts, logits = phases[phase]
+    frag = hw.fragmentation * (acts + logits + buffers)
+    return MemoryBreakdown(st.params + freed, grads, st.optimizer, buffers, acts, logits, comm,
+                           hw.runtime_reserved_bytes, frag, stage, st.params_local, st.family, phase)
 
 
 def memory_limit(cluster: ClusterSpec, workload: Workload) -> float:

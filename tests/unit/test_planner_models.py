@@ -74,10 +74,12 @@ def test_bubble_fraction_matches_formula():
 
 
 @pytest.mark.parametrize("model,hw,nodes,gb,s,layout,published,fits", [
-    # Llama 3 405B, 16K H100, TP8 PP16 DP128 (38-43% MFU), and 8K H100 with DP64. With DP64 each
-    # rank runs 32 micro-batches: this engine (FSDP2 under torch pipelining) keeps the stage's
-    # gradients unsharded in fp32 across them and does not fit the 80 GB; the time model still applies.
-    ("llama3.1-405b", "h100", 2048, 2048, 8192, "tp=8,pp=16,dp_shard=128,zero_stage=1,v=4,recompute=selective", 0.41, True),
+    # Llama 3 405B, 16K H100, TP8 PP16 DP128 (38-43% MFU), and 8K H100 with DP64. Neither fits
+    # this engine in 80 GB: its selective recompute saves every matmul and collective output, and
+    # under TP the o/down outputs before their reduction are full size (docs/planner.md, "Memory
+    # model"); Meta's run recomputed the attention core instead. With DP64 each rank also keeps
+    # the stage's gradients unsharded in fp32 across 32 micro-batches. The time model still applies.
+    ("llama3.1-405b", "h100", 2048, 2048, 8192, "tp=8,pp=16,dp_shard=128,zero_stage=1,v=4,recompute=selective", 0.41, False),
     ("llama3.1-405b", "h100", 1024, 2048, 8192, "tp=8,pp=16,dp_shard=64,zero_stage=1,v=4,recompute=selective", 0.43, False),
     # Llama 3 70B on 64 A100, FSDP only, s=8192, full recompute (~51% MFU).
     ("llama3-70b", "a100-80gb", 8, 64, 8192, "dp_shard=64,micro_batch_size=1,recompute=full", 0.51, True),
@@ -86,3 +88,35 @@ def test_published_mfu_within_25_percent(model, hw, nodes, gb, s, layout, publis
     est = estimate(model, {"hardware": hw, "nodes": nodes}, {"global_batch": gb, "seq_len": s}, layout=layout)
     assert est.feasible == fits, est.reasons
     assert est.time.mfu == pytest.approx(published, rel=0.25)
+
+
+def test_selective_counts_what_the_engine_saves_under_tensor_parallel():
+    # engine/parallel/recompute.py saves every matmul and collective output: under TP the o/down
+    # outputs before their reduction and (with SP) the two all-gathered norm outputs are full size.
+    s, b, h, kv, inter = 4096, 1, M70.hidden_size, M70.kv_dim, M70.intermediate_size
+    lse = 4.0 * s * b * M70.num_heads
+    sharded = 4 * s * b * kv + 4 * s * b * inter
+    assert layer_activation_bytes(M70, s, b, 1, "selective") == 10 * s * b * h + sharded + lse
+    assert layer_activation_bytes(M70, s, b, 8, "selective", True) == pytest.approx(
+        8 * s * b * h + (10 * s * b * h + sharded + lse) / 8)
+    assert layer_activation_bytes(M70, s, b, 8, "selective", False) == pytest.approx(
+        10 * s * b * h + (4 * s * b * h + sharded + lse) / 8)
+
+
+def test_peak_phase_leaves_out_what_is_not_live():
+    # ZeRO-3, one micro-batch per step: the peak is at the loss, where no gradient exists yet
+    # (zero_grad set them to None) and no decoder layer is gathered or being reduced.
+    plan = ParallelPlan(dp_shard=32, zero_stage=3, tp=2, sequence_parallel=True, micro_batch_size=16,
+                        grad_accum=1, recompute="full")
+    m = _mem(plan, nodes=8, gb=512)
+    assert (m.phase, m.grads, m.fsdp_buffers) == ("loss", 0.0, 0.0) and m.logits > 0
+    # With gradient accumulation the sharded gradients are live from the first micro-batch on.
+    acc = _mem(ParallelPlan(dp_shard=32, zero_stage=3, tp=2, sequence_parallel=True, micro_batch_size=8,
+                            grad_accum=2, recompute="full"), nodes=8, gb=512)
+    assert acc.grads > 0
+    # Without a loss on the stage (pipeline stage 0), the peak is in backward, with the buffers.
+    from raytune_llama.planner.memory_model import stage_memory
+    pp = ParallelPlan(dp_shard=4, zero_stage=1, tp=2, sequence_parallel=True, pp=8, micro_batch_size=1,
+                      grad_accum=64, recompute="full")
+    first = stage_memory(M70, make_cluster("mi250", 8), make_workload(512, 1024), pp, 0)
+    assert first.phase != "loss" and first.logits == 0.0 and first.grads > 0

@@ -2,6 +2,7 @@
 relaxed), the process-ending path (run in a subprocess: exit status, message naming rank and
 step, a bounded stall callback), and the process-group timeout it sets (real gloo groups)."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,14 +38,29 @@ def test_first_step_then_fixed_bound_never_above_the_first():
     high.close()
 
 
-def test_automatic_bound_follows_the_slowest_ordinary_step():
+class _FakeClock:
+    """time.monotonic for the watchdog module: steps take exactly what the test says."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_automatic_bound_follows_the_slowest_ordinary_step(monkeypatch):
+    clock = _FakeClock()
+    monkeypatch.setattr(step_watchdog, "time", clock)  # a loaded machine cannot stretch a step
     wd = _watchdog(auto_floor_s=2.0, auto_factor=100.0)
     with wd.step(1):
-        time.sleep(0.3)  # warm-up: only counts until an ordinary step has been timed
-    assert 30.0 <= wd.bound_s <= 60.0
+        clock.now += 0.3  # warm-up: only counts until an ordinary step has been timed
+    assert wd.bound_s == pytest.approx(30.0)
     with wd.step(2):
-        pass
-    assert 2.0 <= wd.bound_s < 30.0  # tightened to the ordinary steps (at least the floor)
+        clock.now += 0.01
+    assert wd.bound_s == 2.0  # tightened to the ordinary steps (100 x 0.01 s), at least the floor
+    with wd.step(3):
+        clock.now += 0.05
+    assert wd.bound_s == pytest.approx(5.0)  # the slowest ordinary step sets it
     floor = _watchdog(auto_floor_s=3.0, auto_factor=1.0)
     with floor.step(1):
         pass
@@ -109,17 +125,20 @@ STALLING_LOOP = textwrap.dedent("""
 @pytest.mark.parametrize("mode", ["callback", "hanging-callback"])
 def test_a_stalled_step_ends_the_process_naming_rank_and_step(mode):
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", STALLING_LOOP, mode], capture_output=True, text=True, timeout=60)
+    # A hanging callback must be abandoned after callback_timeout_s: otherwise the process would
+    # outlive this timeout (the loop sleeps 600 s) and subprocess.run would raise.
+    res = subprocess.run([sys.executable, "-c", STALLING_LOOP, mode], capture_output=True, text=True, timeout=300)
     took = time.monotonic() - started
     assert res.returncode == STALL_EXIT_CODE, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == "relaxed step survived" and "not reached" not in res.stdout
     report = json.loads(lines[1])
     assert (report["rank"], report["step"], report["bound_s"]) == (3, 3, 0.5)
-    assert 0.5 <= report["waited_s"] < 5 and report["where"].endswith(" in stuck_in_a_collective"), report
+    # Fired for the stalled step (bound 0.5 s), long before the 600 s the loop would sleep.
+    assert 0.5 <= report["waited_s"] < 120 and report["where"].endswith(" in stuck_in_a_collective"), report
     assert "rank 3 stalled in step 3: no progress for" in res.stderr and "bound 0.5 s" in res.stderr
     assert "stuck_in_a_collective" in res.stderr  # the loop thread's stack shows where it hung
-    assert took < 30, took  # a hanging callback is abandoned after callback_timeout_s
+    print(f"{mode}: the stalled process ended after {took:.1f} s")
 
 
 def _gloo_rank(rank: int, store: str, out: str) -> None:
@@ -135,7 +154,11 @@ def _gloo_rank(rank: int, store: str, out: str) -> None:
     dist.all_reduce(t, group=sub)
     groups = step_watchdog.set_collective_timeout(1.5)
     if rank == 1:
-        time.sleep(4)  # without the new timeout, rank 0 would wait for this
+        # Stay away from the collective until rank 0 has its answer (at most the group's 60 s):
+        # rank 0 can only finish early through the tightened timeout.
+        deadline = time.monotonic() + 60
+        while not os.path.exists(out) and time.monotonic() < deadline:
+            time.sleep(0.1)
         return
     started = time.monotonic()
     try:
@@ -156,4 +179,5 @@ def test_gloo_collectives_take_the_tightened_timeout(tmp_path):
     result = json.loads(out.read_text())
     assert result["groups"] == 2, result  # the default group and the subgroup
     assert result["error"] and "Timed out" in result["error"], result
-    assert 1.0 <= result["waited"] < 3.5, result
+    # 1.5 s, not the group's 60 s; the margin is for a loaded machine.
+    assert 1.0 <= result["waited"] < 30, result

@@ -21,6 +21,7 @@ see: docs/planner.md, "How the planner is checked". DeepSpeed layouts are refuse
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
@@ -33,6 +34,7 @@ import torch
 from raytune_llama.planner.plan import ParallelPlan
 
 from . import fake_world
+from .live_at_peak import LiveAtPeak
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +137,17 @@ def predicted_breakdown(hf_config, plan: ParallelPlan, *, stage: int, seq_len: i
     terms["total"] = mb.total
     terms["tensor_total"] = mb.total - mb.runtime - mb.fragmentation
     terms["state_family"] = mb.state_family
+    terms["phase"] = mb.phase
     return terms
 
 
 def dry_run(config, plan: ParallelPlan, *, rank: int = 0, world_size: int | None = None, seq_len: int,
             mixed_precision: str | None = "bf16", master_weights: str = "fp32", hardware: str = "h100",
-            nodes: int = 1, devices_per_node: int | None = None) -> dict[str, Any]:
+            nodes: int = 1, devices_per_node: int | None = None, explain: int = 0) -> dict[str, Any]:
     """One engine.train_step of `plan` as global `rank` under a fake process group; returns the
-    measured peak bytes by category, the planner's prediction for the rank's stage, and timings."""
+    measured peak bytes by category, the planner's prediction for the rank's stage, and timings.
+    `explain` > 0 adds "live_at_peak": the largest groups of tensors (by op, module, phase) that
+    the step created and that are live at its peak (live_at_peak.py)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from raytune_llama.engine.model_io import master_dtype
@@ -201,7 +206,8 @@ def dry_run(config, plan: ParallelPlan, *, rank: int = 0, world_size: int | None
                 _create_optimizer_state(engine)
                 tracker = fake_world.memory_tracker(engine.modules, engine.optimizer)
                 t1 = time.perf_counter()
-                with tracker:
+                recorder = LiveAtPeak(tracker._mod_tracker, fake_mode) if explain > 0 else contextlib.nullcontext()
+                with recorder, tracker:
                     engine.train_step(batch)
                 step_s = time.perf_counter() - t1
             measured, raw = _by_category(tracker.get_tracker_snapshot("peak"))
@@ -216,6 +222,7 @@ def dry_run(config, plan: ParallelPlan, *, rank: int = 0, world_size: int | None
                 "full_param_count": sum(p.numel() for p in master_params),
                 "logits": logits_seen[-1] if logits_seen else None,
             }
+            live = recorder.top(explain) if explain > 0 else None
         finally:
             engine.close()
     log.info("dry run rank %d/%d (stage %d): measured %.2f GiB, planner tensor bytes %.2f GiB, step %.1f s",
@@ -223,7 +230,7 @@ def dry_run(config, plan: ParallelPlan, *, rank: int = 0, world_size: int | None
     return {"rank": rank, "world_size": world_size, "pp_stage": stage, "plan": plan.to_dict(),
             "layout": plan.describe(), "seq_len": seq_len, "hardware": hardware,
             "measured_peak_bytes": measured, "tracker_peak_bytes": raw, "predicted_bytes": predicted,
-            "facts": facts, "build_s": round(build_s, 2), "step_s": round(step_s, 2)}
+            "facts": facts, **({"live_at_peak": live} if live is not None else {}), "build_s": round(build_s, 2), "step_s": round(step_s, 2)}
 
 
 def dry_run_isolated(config, plan: ParallelPlan, **kwargs) -> dict[str, Any]:
