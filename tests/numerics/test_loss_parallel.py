@@ -9,7 +9,10 @@ One spawned group of 2 gloo ranks checks:
   full vocabulary, losses equal the reference of that model;
 * the loss alone on the same random logits: the vocab-sharded cross-entropy under
   loss_parallel() equals the dense one (value and logit gradient), and its peak memory
-  (torch.distributed._tools.MemTracker, forward + backward) is well below the dense one's.
+  (torch.distributed._tools.MemTracker, forward + backward) is well below the dense one's;
+* the vocab-parallel embedding alone (tensor_parallel.VocabParallelEmbedding, with and without a
+  padding row): output and weight gradient equal the dense embedding's, and its backward never
+  builds the full-vocabulary gradient that DTensor's RowwiseParallel embedding does.
 Run: TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m pytest tests/numerics/test_loss_parallel.py -q -s
 """
 from __future__ import annotations
@@ -102,6 +105,52 @@ def _loss_only(rank: int) -> dict:
     return out
 
 
+EMB_SHAPE = (4096, 64, 2, 64)  # vocab, hidden, rows, seq
+
+
+def _embedding_only(rank: int) -> dict:
+    """VocabParallelEmbedding vs the dense embedding (values, gradients) and vs DTensor's
+    RowwiseParallel embedding (backward peak memory)."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    from raytune_llama.engine.parallel.tensor_parallel import VocabParallelEmbedding
+
+    mesh = init_device_mesh("cpu", (TP,), mesh_dim_names=("tp",))
+    vocab, hidden, rows, seq = EMB_SHAPE
+    g = torch.Generator().manual_seed(harness.SEED)
+    weight = torch.randn(vocab, hidden, generator=g)
+    ids = torch.randint(0, vocab, (rows, seq), generator=g)
+    ids[0, :8] = 7  # the padding row, when there is one
+    grad_out = torch.randn(rows, seq, hidden, generator=g)
+    out: dict = {}
+    for pad in (None, 7):
+        dense = nn.Embedding(vocab, hidden, padding_idx=pad)
+        dense.weight.data.copy_(weight)
+        dense(ids).backward(grad_out)
+        peaks = {}
+        for name, style in (("local_rows", VocabParallelEmbedding), ("dtensor_rowwise", RowwiseParallel)):
+            emb = nn.Embedding(vocab, hidden, padding_idx=pad)
+            emb.weight.data.copy_(weight)
+            parallelize_module(emb, mesh, style(input_layouts=Replicate(), output_layouts=Replicate()))
+            got = {}
+
+            def step():
+                y = emb(ids)
+                y.backward(grad_out)
+                got["y"] = y.detach()
+
+            peaks[name] = _peak_bytes(step)
+            if name == "local_rows":
+                rows_here = slice(rank * vocab // TP, (rank + 1) * vocab // TP)
+                out[f"pad{pad}_out_diff"] = float((got["y"] - dense(ids).detach()).abs().max())
+                out[f"pad{pad}_grad_diff"] = float((emb.weight.grad.to_local() - dense.weight.grad[rows_here]).abs().max())
+        out[f"pad{pad}_peaks"] = peaks
+    return out
+
+
 def _worker(rank: int, world: int, port: int, out_prefix: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -111,7 +160,7 @@ def _worker(rank: int, world: int, port: int, out_prefix: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
     try:
         result = {"tp2_sp": _engine_run(TP_SP, {}), "tp2_odd_vocab": _engine_run(TP_PLAIN, ODD_VOCAB),
-                  "loss": _loss_only(rank)}
+                  "loss": _loss_only(rank), "embedding": _embedding_only(rank)}
     except Exception:
         result = {"error": f"rank {rank}: " + traceback.format_exc()}
     with open(f"{out_prefix}{rank}.json", "w") as f:
@@ -176,3 +225,19 @@ def test_sharded_cross_entropy_matches_dense_with_less_memory(results):
         # tp=2 halves every vocab-sized buffer; loss_parallel's fused backward holds one more
         # shard-sized fp32 buffer than the dense backward, so the ratio sits above 1/2.
         assert ratio <= 0.7
+
+
+def test_vocab_parallel_embedding_matches_dense_without_a_full_vocab_gradient(results):
+    vocab, hidden = EMB_SHAPE[:2]
+    full_grad = vocab * hidden * 4
+    for rank, res in enumerate(results):
+        r = res["embedding"]
+        for pad in (None, 7):
+            peaks = r[f"pad{pad}_peaks"]
+            print(f"\n[embedding] rank {rank} padding_idx={pad}: out diff {r[f'pad{pad}_out_diff']:.1e}, "
+                  f"grad diff {r[f'pad{pad}_grad_diff']:.1e}; peak bytes local rows {peaks['local_rows']}, "
+                  f"DTensor rowwise {peaks['dtensor_rowwise']}")
+            assert r[f"pad{pad}_out_diff"] == 0.0 and r[f"pad{pad}_grad_diff"] <= 1e-6
+            # DTensor's embedding backward builds the full vocab x hidden gradient on each rank;
+            # the local-rows lookup only ever holds this rank's rows (half of it at tp=2).
+            assert peaks["dtensor_rowwise"] - peaks["local_rows"] >= 0.9 * full_grad / 2
