@@ -1,6 +1,7 @@
-"""Exactly-once audit of the training data (reliability item R5: README, "Fault tolerance and
-elasticity"). With `data.id_column` set, the packed rows carry the ids of the documents that start in them, and after every step each
-rank reports the ids of the rows it trained on, tagged with its worker group (attempt).
+"""Exactly-once audit of the training data (README, "Fault tolerance and elasticity"). With
+`data.id_column` set, the packed rows carry the ids of the documents that start in them, and after
+every step each rank reports the ids of the rows it trained on, tagged with its worker group
+(attempt).
 
 A step is committed by the last attempt that ran it: a step run again after a restart
 replaces what the failed attempt did (that work was never checkpointed). The audit takes,

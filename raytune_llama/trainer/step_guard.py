@@ -1,6 +1,6 @@
-"""The Ray side of bounded steps (R10): a StepWatchdog per worker, configured from
-run.collective_timeout_s / run.step_timeout_s, whose stall report goes to the run's
-progress board, so that the driver prints which rank stalled in which step and the run
+"""The Ray side of bounded steps (README, "Fault tolerance and elasticity", hangs): a StepWatchdog
+per worker, configured from run.collective_timeout_s / run.step_timeout_s, whose stall report goes
+to the run's progress board, so that the driver prints which rank stalled in which step and the run
 summary lists it."""
 from __future__ import annotations
 

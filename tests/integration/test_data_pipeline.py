@@ -78,7 +78,7 @@ def uneven_bad_source(tmp_path_factory):
 
 
 def test_bad_rows_are_skipped_and_counted(ray_head, uneven_bad_source):
-    """R12: unusable rows are skipped and counted, invalid UTF-8 is decoded with replacement
+    """Bad input: unusable rows are skipped and counted, invalid UTF-8 is decoded with replacement
     characters, a document longer than seq_len continues over several rows; a file that
     cannot be parsed is a clear error naming the path and column."""
     d, ids = uneven_bad_source
@@ -95,7 +95,7 @@ def test_bad_rows_are_skipped_and_counted(ray_head, uneven_bad_source):
 
 
 def test_uneven_files_all_ranks_stop_at_the_same_step(ray_head, uneven_bad_source, tmp_path):
-    """R11: 2 workers over files of unequal length, for more than one epoch: both ranks read
+    """Bad input: 2 workers over files of unequal length, for more than one epoch: both ranks read
     the same global order and stop together at max_steps (no hang); the audit shows each
     epoch's documents in order and the second epoch starting again from the first."""
     from raytune_llama.config import load_config

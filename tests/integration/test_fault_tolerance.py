@@ -1,9 +1,10 @@
-"""Fault tolerance on the shared head (README, "Fault tolerance and elasticity"): a SIGKILLed worker is restarted from
+"""Fault tolerance on the shared head (README, "Fault tolerance and elasticity"): a SIGKILLed
+worker is restarted from
 the latest checkpoint and the run finishes with exactly the losses of an uninterrupted run
-(R7, R4); with 0, 1 and 3 injected failures every document id of the corpus is trained on
-exactly once, in order (R5, audited through the real Ray Data pipeline); a checkpoint saved
-by one layout and world size resumes in another (R6); a corrupt newest checkpoint is skipped
-for the previous good one (R9)."""
+(lost workers, exact resume); with 0, 1 and 3 injected failures every document id of the corpus is trained on
+exactly once, in order (exactly-once data, audited through the real Ray Data pipeline); a checkpoint saved
+by one layout and world size resumes in another (resume in any layout); a corrupt newest checkpoint is skipped
+for the previous good one (verified checkpoints)."""
 import json
 
 import numpy as np
@@ -29,7 +30,7 @@ def _source_ids() -> list[str]:
 
 
 def _assert_exactly_once(summary, straight):
-    """R5: the committed steps' document ids are the corpus's first ids, in order, each once,
+    """Exactly-once data: the committed steps' document ids are the corpus's first ids, in order, each once,
     and the same as the uninterrupted run's."""
     audit = summary["data_audit"]
     assert audit["duplicated"] == [] and audit["problems"] == [], audit
@@ -66,8 +67,9 @@ def test_sigkilled_worker_restarts_and_loses_nothing(ray_head, baseline):
 
 
 def test_three_failures_lose_and_repeat_no_document(ray_head, baseline):
-    """R5/R7 with 3 SIGKILLs, one after each new checkpoint: 3 restarts, same losses, and the
-    audit of document ids over the committed steps equals the uninterrupted run's."""
+    """Exactly-once data and lost workers, with 3 SIGKILLs, one after each new checkpoint: 3
+    restarts, same losses, and the audit of document ids over the committed steps equals the
+    uninterrupted run's."""
     tmp, straight = baseline
     killer = WorkerKiller(ray_head.gcs_address, tmp / "runs" / "chaos3", kills=3, every=1, seed=3)
     killer.start()
@@ -87,7 +89,7 @@ def test_three_failures_lose_and_repeat_no_document(ray_head, baseline):
      ('parallel.layout="tp=2,micro_batch_size=4"',)),
 ])
 def test_resume_in_another_layout_and_world_size(baseline, name, first, second):
-    """R6: stop at step 4 under one layout, resume under another; same losses, same batch."""
+    """Resume in any layout: stop at step 4 under one layout, resume under another; same losses, same batch."""
     tmp, straight = baseline
     a = LlamaTrainer(_cfg(tmp, name, "train.stop_after_steps=4", *first)).fit()
     b = LlamaTrainer(_cfg(tmp, name, *second)).fit()
@@ -97,7 +99,7 @@ def test_resume_in_another_layout_and_world_size(baseline, name, first, second):
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(baseline):
-    """R9: flip a byte in the newest checkpoint; the resume warns and uses the one before."""
+    """Verified checkpoints: flip a byte in the newest checkpoint; the resume warns and uses the one before."""
     tmp, straight = baseline
     layout = 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"'
     full = "checkpoint.format=full"  # the sharded format's corruption test is below

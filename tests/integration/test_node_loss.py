@@ -1,4 +1,5 @@
-"""Node loss and return on a multi-node local cluster (reliability item R7, elastic runs: README, "Fault tolerance and elasticity").
+"""Node loss and return on a multi-node local cluster (lost workers and nodes, elastic runs: README,
+"Fault tolerance and elasticity").
 
 This module starts its own `ray.cluster_utils.Cluster`: a 1-CPU head (driver, Ray Train
 controller, progress board, and a CPU for Ray Data tasks, e.g. rebuilding dataset blocks that
@@ -109,7 +110,7 @@ def test_node_lost_mid_step_and_added_back(node_cluster, tmp_path):
     # At most one interval per start, two when a start interrupts a checkpoint's upload.
     assert summary["steps_redone"] <= 2 * EVERY * (summary["restarts"] + summary["grows"]), summary
     # The global batch is the same at 1 and 2 workers: identical losses, and every document
-    # trained on once, in the uninterrupted run's order (R5).
+    # trained on once, in the uninterrupted run's order (exactly-once data).
     np.testing.assert_allclose(summary["losses"], straight["losses"], rtol=1e-5)
     assert summary["tokens_seen"] == straight["tokens_seen"]
     audit = summary["data_audit"]

@@ -1,8 +1,9 @@
-"""R10 hang -> fail fast on the shared head: rank 1 stalls inside step 4 (RAYTUNE_LLAMA_STALL,
-as a rank stuck in a collective would). With run.step_timeout_s=5 its step watchdog ends the
-worker within seconds, naming rank 1 and step 4, instead of waiting for
-run.collective_timeout_s (600 s); Ray Train restarts the group from the step-2 checkpoint,
-the injected stall does not repeat, and the run finishes with an uninterrupted run's losses."""
+"""Hangs -> fail fast (README, "Fault tolerance and elasticity") on the shared head: rank 1 stalls
+inside step 4 (RAYTUNE_LLAMA_STALL, as a rank stuck in a collective would). With
+run.step_timeout_s=5 its step watchdog ends the worker within seconds, naming rank 1 and step 4,
+instead of waiting for run.collective_timeout_s (600 s); Ray Train restarts the group from the
+step-2 checkpoint, the injected stall does not repeat, and the run finishes with an uninterrupted
+run's losses."""
 import numpy as np
 import pytest
 

@@ -1,7 +1,8 @@
-"""Resharding harness (reliability item R6: README, "Fault tolerance and elasticity"): train K steps under layout X at world size A, save a
-checkpoint with the production code (engine/checkpoint_io.py), then in another spawned group
-of world size B load it into layout Y, compare the gathered model + optimizer state with what
-was saved, and train the remaining steps on the same global batches.
+"""Resharding harness (README, "Fault tolerance and elasticity": resume in any layout): train K
+steps under layout X at world size A, save a checkpoint with the production code
+(engine/checkpoint_io.py), then in another spawned group of world size B load it into layout Y,
+compare the gathered model + optimizer state with what was saved, and train the remaining steps on
+the same global batches.
 
 Jobs run in order inside one spawned gloo group per world size (spawning dominates the cost).
 A job is a dict: {"name", "layout" (ParallelPlan kwargs), "save": dir | None, "fmt" (full | sharded | async: sharded, written in the background

@@ -1,7 +1,8 @@
-"""R6 elastic resharding on the engine, without Ray: a checkpoint saved at world size A under
-layout X (either format, any backend) loads at world size B under layout Y with the model and
-optimizer state equal to what was saved, and training continues with exactly the losses of
-the uninterrupted single-process run (the global batch is the same 8 rows at every size).
+"""Elastic resharding (README, "Fault tolerance and elasticity": resume in any layout) on the
+engine, without Ray: a checkpoint saved at world size A under layout X (either format, any backend)
+loads at world size B under layout Y with the model and optimizer state equal to what was saved, and
+training continues with exactly the losses of the uninterrupted single-process run (the global batch
+is the same 8 rows at every size).
 
 Three spawned groups: world 2 saves, world 1 loads (and saves for 1 -> 2), world 2 loads."""
 from __future__ import annotations

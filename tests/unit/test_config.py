@@ -86,7 +86,7 @@ def shipped_yamls():
 
 @pytest.mark.parametrize("path", shipped_yamls(), ids=lambda p: str(p.relative_to(REPO)))
 def test_shipped_yaml_parses_and_validates(path, monkeypatch, tmp_path):
-    """R13: every YAML in examples/ and cluster/ parses; run configs also validate."""
+    """Bad input: every YAML in examples/ and cluster/ parses; run configs also validate."""
     doc = yaml.safe_load(path.read_text())
     assert isinstance(doc, dict), path
     if path.parent.name == "configs":

@@ -1,6 +1,6 @@
-"""R10 hang -> fail fast, run side: run.step_timeout_s validation, the RAYTUNE_LLAMA_STALL
-injection (parsing, forwarding, stalls once per run), the driver's stall line, and the run
-summary's `stalls` (stall events never count as steps)."""
+"""Hangs -> fail fast (README, "Fault tolerance and elasticity"), run side: run.step_timeout_s
+validation, the RAYTUNE_LLAMA_STALL injection (parsing, forwarding, stalls once per run), the
+driver's stall line, and the run summary's `stalls` (stall events never count as steps)."""
 import types
 from pathlib import Path
 

@@ -1,6 +1,7 @@
-"""R10 hang -> fail fast, engine side: StepWatchdog bounds (first step, fixed, automatic,
-relaxed), the process-ending path (run in a subprocess: exit status, message naming rank and
-step, a bounded stall callback), and the process-group timeout it sets (real gloo groups)."""
+"""Hangs -> fail fast (README, "Fault tolerance and elasticity"), engine side: StepWatchdog bounds
+(first step, fixed, automatic, relaxed), the process-ending path (run in a subprocess: exit status,
+message naming rank and step, a bounded stall callback), and the process-group timeout it sets (real
+gloo groups)."""
 import json
 import os
 import subprocess

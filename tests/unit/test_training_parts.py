@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_and_integrity(tmp_path):
 
 @pytest.mark.parametrize("crash_at", range(5))
 def test_crash_during_save_never_yields_a_partial_checkpoint(tmp_path, monkeypatch, crash_at):
-    """R8: die at each phase of a save (4 files, then the manifest): the resolver skips the
+    """Atomic checkpoints: die at each phase of a save (4 files, then the manifest): the resolver skips the
     half-written checkpoint and returns the previous good one."""
     import raytune_llama.engine.checkpoint as ckpt
 
@@ -96,7 +96,7 @@ def test_crash_during_save_never_yields_a_partial_checkpoint(tmp_path, monkeypat
 
 
 def test_resume_policy_is_checked_on_the_driver(tmp_path):
-    """R14: resume=must with nothing saved, and resume=never over saved checkpoints, are
+    """Exact resume: resume=must with nothing saved, and resume=never over saved checkpoints, are
     errors before anything starts; resume=auto with nothing saved starts fresh."""
     from raytune_llama.config import ConfigError, load_config
     from raytune_llama.trainer.llama_trainer import LlamaTrainer
