@@ -95,6 +95,26 @@ def test_live_at_peak_accounts_for_the_measured_peak(fsdp8, tp2_sp_fsdp4):
         assert r["predicted_bytes"]["phase"] == "end of backward"
 
 
+def test_fake_tensors_allocate_what_real_tensors_do(capsys):
+    """bench/dryrun_gpu_check.py on the CPU: the same engine step with real tensors, tracked by the
+    same tracker, peaks at the dry run's bytes (on a GPU the script compares with
+    torch.cuda.max_memory_allocated instead)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "dryrun_gpu_check.py"
+    spec = importlib.util.spec_from_file_location("dryrun_gpu_check", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--device", "cpu", "--smoke", "--mbs", "2", "--recompute", "selective,full", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["recompute"] for r in rows] == ["selective", "full"]
+    for r in rows:
+        assert r["real_peak_bytes"] == pytest.approx(r["dry_run_peak_bytes"], rel=0.01), r
+        assert r["real_peak_bytes"] == pytest.approx(r["planner_tensor_bytes"], rel=0.10), r
+
+
 def test_deepspeed_is_refused_with_the_reason():
     from raytune_llama.engine.dryrun import dry_run
 

@@ -98,7 +98,7 @@ def _stage_shapes(engine, plan: ParallelPlan, seq_len: int, master, compute: str
     return inputs, outputs
 
 
-def _create_optimizer_state(engine) -> None:
+def create_optimizer_state(engine) -> None:
     # What every step after the first holds: AdamW's moments (created by a step over zero grads).
     for p in engine.parameters():
         if p.requires_grad:
@@ -203,7 +203,7 @@ def dry_run(config, plan: ParallelPlan, *, rank: int = 0, world_size: int | None
                 rows = plan.micro_batch_size * plan.grad_accum
                 batch = {"input_ids": torch.zeros(rows, seq_len, dtype=torch.long),
                          "labels": torch.zeros(rows, seq_len, dtype=torch.long)}
-                _create_optimizer_state(engine)
+                create_optimizer_state(engine)
                 tracker = fake_world.memory_tracker(engine.modules, engine.optimizer)
                 t1 = time.perf_counter()
                 recorder = LiveAtPeak(tracker._mod_tracker, fake_mode) if explain > 0 else contextlib.nullcontext()
