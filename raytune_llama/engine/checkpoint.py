@@ -78,16 +78,14 @@ def _file_entries(d: Path, names) -> dict:
     return {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in names}
 
 
-def _check_files(d: Path, files: dict, manifest_path: Path) -> None:
-    for name, entry in files.items():
-        path = d / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in {manifest_path.name} but missing")
-        if path.stat().st_size != entry["bytes"]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {manifest_path.name} says "
-                                  f"{entry['bytes']} (truncated?)")
-        if _sha256(path) != entry["sha256"]:
-            raise CheckpointError(f"{path}: SHA-256 does not match {manifest_path.name} (corrupted)")
+def _check_file(path: Path, entry: dict, manifest_path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: listed in {manifest_path.name} but missing")
+    if path.stat().st_size != entry["bytes"]:
+        raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {manifest_path.name} says "
+                              f"{entry['bytes']} (truncated?)")
+    if _sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: SHA-256 does not match {manifest_path.name} (corrupted)")
 
 
 def _read_manifest(path: Path, what: str) -> dict:
@@ -104,14 +102,15 @@ def checkpoint_format(directory: str | os.PathLike) -> str:
     return _read_manifest(Path(directory) / MANIFEST, "manifest").get("format", "full")
 
 
-def verify_checkpoint(directory: str | os.PathLike) -> dict:
-    """Check every file against the manifest(s); return the top-level manifest or raise
-    CheckpointError. A sharded checkpoint also needs every rank manifest it names, each
-    matching its recorded SHA-256, and every file those list."""
+def checkpoint_files(directory: str | os.PathLike) -> tuple[dict, list[tuple[Path, dict, Path]]]:
+    """(top-level manifest, every data file the checkpoint's manifests list as (path, {bytes,
+    sha256}, the manifest listing it)). Reads and checks the manifests only (small files): a
+    missing or unreadable manifest, a sharded manifest naming the wrong number of rank manifests,
+    or a rank manifest that does not match its recorded SHA-256 raises CheckpointError."""
     d = Path(directory)
     manifest_path = d / MANIFEST
     manifest = _read_manifest(manifest_path, "manifest")
-    _check_files(d, manifest.get("files", {}), manifest_path)
+    files = [(d / name, entry, manifest_path) for name, entry in manifest.get("files", {}).items()]
     if manifest.get("format", "full") == "sharded":
         ranks = manifest.get("rank_manifests")
         if not ranks or len(ranks) != manifest.get("world_size"):
@@ -124,20 +123,50 @@ def verify_checkpoint(directory: str | os.PathLike) -> dict:
                                       "(that rank's shards were not persisted)")
             if _sha256(path) != entry["sha256"]:
                 raise CheckpointError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted)")
-            _check_files(d, _read_manifest(path, "rank manifest")["files"], path)
+            files += [(d / f, e, path) for f, e in _read_manifest(path, "rank manifest")["files"].items()]
+    return manifest, files
+
+
+def share_of_files(files: list[tuple[Path, dict, Path]], rank: int, world: int) -> list[tuple[Path, dict, Path]]:
+    """The files rank `rank` of `world` verifies: largest first to the least-loaded rank, so every
+    rank hashes about 1/world of the bytes (the same split on every rank)."""
+    load, mine = [0] * world, []
+    for item in sorted(files, key=lambda f: (-int(f[1].get("bytes", 0)), str(f[0]))):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += int(item[1].get("bytes", 0))
+        if r == rank:
+            mine.append(item)
+    return mine
+
+
+def verify_checkpoint(directory: str | os.PathLike, rank: int = 0, world: int = 1) -> dict:
+    """Check the checkpoint's files against its manifest(s) and return the top-level manifest, or
+    raise CheckpointError naming the file. With `world` > 1 this rank checks only its share of
+    the data files (share_of_files; the manifests are checked by every rank): the ranks together
+    check every file once, in parallel (checkpoint_io.choose_checkpoint)."""
+    manifest, files = checkpoint_files(directory)
+    for path, entry, listed_in in share_of_files(files, rank, world):
+        _check_file(path, entry, listed_in)
     return manifest
 
 
-def newest_valid_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:
+def newest_valid_checkpoint(candidates: list[Path], rank: int = 0, world: int = 1,
+                            agree=lambda error: [error]) -> tuple[Path | None, list[str]]:
     """The first candidate (newest first) that verifies, and why each one before it was
-    refused: a corrupt or half-written checkpoint is skipped, never loaded."""
+    refused: a corrupt or half-written checkpoint is skipped, never loaded. With `world` > 1
+    each rank checks its share of the files and `agree(error or None)` returns every rank's
+    verdict (a collective, e.g. all_gather_object): a candidate any rank refuses is refused by all."""
     refused = []
     for candidate in candidates:
         try:
-            verify_checkpoint(candidate)
-            return candidate, refused
+            verify_checkpoint(candidate, rank, world)
+            error = None
         except CheckpointError as exc:
-            refused.append(str(exc))
+            error = str(exc)
+        errors = [e for e in agree(error) if e]
+        if not errors:
+            return candidate, refused
+        refused.append(errors[0])
     return None, refused
 
 

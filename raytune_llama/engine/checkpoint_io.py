@@ -4,7 +4,7 @@ ranks loads into TP, pipeline, DeepSpeed ZeRO-3 or a single process, and back.
 
 Collective: every rank of the process group calls these functions in the same order.
 
-    choose_checkpoint([newest, older, ...])   # rank 0 verifies hashes once, all ranks agree
+    choose_checkpoint([newest, older, ...])   # each rank hashes 1/world of the files, all agree
     load_engine_checkpoint(engine, chosen)     # -> meta (step, cursor, tokens seen, ...)
     save_engine_checkpoint(engine, tmp_dir, meta, "sharded")
     pending = begin_async_save(engine, tmp_dir, meta)   # sharded: training goes on meanwhile
@@ -28,7 +28,7 @@ from raytune_llama.engine.checkpoint import (
     save_sharded_training_state,
     save_training_state,
 )
-from raytune_llama.engine.ranks import broadcast_from_rank0, rank_and_world
+from raytune_llama.engine.ranks import broadcast_from_rank0, gather_from_all_ranks, rank_and_world
 from raytune_llama.engine.training_state import gather_full_state
 
 FORMATS = ("full", "sharded")
@@ -46,16 +46,14 @@ def resolve_format(requested: str, plan) -> str:
 
 def choose_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:
     """The newest candidate that verifies (sizes + SHA-256 of every file, every rank's
-    manifest), and why each newer one was refused. Only rank 0 reads and hashes the files
-    (a 70B checkpoint is hundreds of GB); the verdict is broadcast, so every rank loads the
-    same checkpoint. Needs the checkpoint on storage that every rank sees (shared storage)."""
-    rank, _ = rank_and_world()
-    verdict = None
-    if rank == 0:
-        chosen, refused = newest_valid_checkpoint(list(candidates))
-        verdict = (None if chosen is None else str(chosen), refused)
-    chosen, refused = broadcast_from_rank0(verdict)
-    return (Path(chosen) if chosen else None), refused
+    manifest), and why each newer one was refused. Every rank hashes its share of the files
+    (about 1/world of the bytes, largest files spread first) in parallel and the verdicts are
+    gathered, so verification takes total bytes / world per rank instead of rank 0 hashing a
+    70B checkpoint's hundreds of GB while the others wait in a collective. Rank 0's candidate
+    list is used by all. Needs the checkpoint on storage that every rank sees (shared storage)."""
+    rank, world = rank_and_world()
+    candidates = [Path(p) for p in broadcast_from_rank0([str(p) for p in candidates])]
+    return newest_valid_checkpoint(candidates, rank, world, agree=gather_from_all_ranks)
 
 
 def load_engine_checkpoint(engine, directory: str | os.PathLike) -> dict:

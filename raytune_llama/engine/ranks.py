@@ -19,3 +19,13 @@ def broadcast_from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_from_all_ranks(value) -> list:
+    """Every rank's value, in rank order, on every rank (small picklable objects; collective)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out

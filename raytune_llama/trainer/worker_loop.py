@@ -51,7 +51,7 @@ def _restore(engine, run_dir: Path) -> dict:
     checkpoint_* folder of the run, including one written after the last checkpoint Ray Train
     registered (Ray commits a reported checkpoint asynchronously: a failure in between would
     otherwise cost one more checkpoint interval). A corrupt or half-written checkpoint is
-    skipped with a warning; rank 0 verifies, every rank loads the same one."""
+    skipped with a warning; every rank verifies its share of the files, every rank loads the same one."""
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
         registered = Path(directory) if directory else None

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from raytune_llama.engine.checkpoint import (
     load_sharded_training_state,
     newest_valid_checkpoint,
     save_sharded_training_state,
+    checkpoint_files,
     save_training_state,
+    share_of_files,
     verify_checkpoint,
 )
 
@@ -130,6 +133,51 @@ def test_damaged_sharded_checkpoint_is_refused_and_falls_back(two, damage):
         verify_checkpoint(newer)
     chosen, refused = newest_valid_checkpoint([newer, older])
     assert chosen == older and len(refused) == 1
+
+
+def test_each_rank_verifies_its_share_and_together_every_file_once(two):
+    _, _, new = two
+    _, files = checkpoint_files(new)
+    assert len(files) >= 4  # two ranks' DCP shards + rng.pt + meta.json + .metadata
+    for world in (1, 2, 3, 64):
+        shares = [share_of_files(files, r, world) for r in range(world)]
+        assert sorted(str(f[0]) for share in shares for f in share) == sorted(str(f[0]) for f in files)
+        loads = [sum(f[1]["bytes"] for f in share) for share in shares]
+        biggest = max(f[1]["bytes"] for f in files)
+        assert max(loads) - min(loads) <= biggest  # greedy largest-first: balanced within one file
+
+
+def _choose_worker(rank, world, port, candidates, out):
+    from raytune_llama.engine.checkpoint_io import choose_checkpoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        chosen, refused = choose_checkpoint([Path(c) for c in candidates])
+        Path(f"{out}{rank}.json").write_text(json.dumps({"chosen": str(chosen), "refused": refused}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_damaged_file_is_refused_by_every_rank_though_one_rank_checks_it(two):
+    tmp, old, new = two
+    older, newer = _fresh(tmp, old), _fresh(tmp, new)
+    shard = next(newer.glob("__1_*.distcp"))
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    shard.write_bytes(bytes(blob))
+    _, files = checkpoint_files(newer)
+    owner = next(r for r in range(2) if any(f[0] == shard for f in share_of_files(files, r, 2)))
+    verify_checkpoint(newer, 1 - owner, 2)  # the other rank's share is intact
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        verify_checkpoint(newer, owner, 2)
+    # choose_checkpoint on 2 gloo ranks: each hashes its share, the verdicts are gathered.
+    out = str(tmp / f"choose_{len(list(tmp.iterdir()))}_rank")
+    mp.spawn(_choose_worker, args=(2, _port(), [str(newer), str(older)], out), nprocs=2, join=True)
+    for rank in range(2):
+        result = json.loads(Path(f"{out}{rank}.json").read_text())
+        assert result["chosen"] == str(older), result
+        assert len(result["refused"]) == 1 and "SHA-256" in result["refused"][0] and shard.name in result["refused"][0]
 
 
 def test_full_format_still_verifies(tmp_path):
