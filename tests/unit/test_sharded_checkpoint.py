@@ -216,3 +216,23 @@ def test_async_save_needs_a_sharded_format():
     assert any(p.startswith("checkpoint.async_save") and "sharded" in p for p in collect_problems(cfg, check_files=False))
     cfg.checkpoint.async_save = "yes"
     assert any("must be true or false" in p for p in collect_problems(cfg, check_files=False))
+
+
+def test_checkpoint_scale_bench_runs_the_production_path(capsys):
+    """bench/checkpoint_scale.py at a tiny size: save, parallel verify and load on 2 gloo ranks
+    through the production functions, and the 70B extrapolation from the measured rates."""
+    import importlib
+    import sys
+
+    # Imported by name (bench/ on sys.path): the spawned ranks unpickle its worker function.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    try:
+        bench = importlib.import_module("checkpoint_scale")
+        assert bench.main(["--gb", "0.02", "--ranks", "2", "--json"]) == 0
+    finally:
+        sys.path.pop(0)
+    out = json.loads(capsys.readouterr().out)
+    measured, big = out["measured"], out["llama3_70b_64_ranks"]
+    assert measured["ranks"] == 2 and all(measured[k] > 0 for k in ("save_s", "verify_s", "load_s"))
+    assert big["per_rank_gb"] == pytest.approx(70.6e9 * 12 / 1e9 / 64)
+    assert big["worst_s"] == max(big[k] for k in ("save_s", "verify_s", "load_s"))
