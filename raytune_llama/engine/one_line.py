@@ -17,8 +17,13 @@ What happens where (and what a loop may do):
   loss goes through `enable_advanced_parallelization(loss_fn=...)` (not yet offered) or the
   `ParallelEngine` API directly.
 * `optim.step()` with a stock optimizer over `model.parameters()` updates the (sharded)
-  parameters; gradient clipping with `torch.nn.utils.clip_grad_norm_` works on them too.
-  DeepSpeed layouts route the step to DeepSpeed (with the optimizer's learning rate).
+  parameters. `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` returns and clips
+  by the global norm on every layout: DTensor gradients (FSDP, TP) reduce over their mesh, and
+  under pipeline parallel the stages' norms are combined (torch's `_get_total_norm` is patched,
+  so `from torch.nn.utils import clip_grad_norm_` works too). DeepSpeed layouts route the step
+  to DeepSpeed (with the optimizer's learning rate); there `torch.nn.utils.clip_grad_norm_`
+  hands the clipping to DeepSpeed's step and its returned tensor holds the global pre-clip norm
+  once `optim.step()` has run (NaN before).
 * `.cuda()` lands tensors on the worker's device (CPU workers included).
 * Padding must be on the right (packed data has it only at the tail); the attention mask is
   checked for that and otherwise only its padding is honoured through the labels (-100).
@@ -33,6 +38,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import clip_grad as clip_grad_module
 
 from raytune_llama.planner.plan import ParallelPlan
 
@@ -51,6 +57,7 @@ class ParallelCausalLM(nn.Module):
         self.engine = engine
         self.config = config
         self.stages = nn.ModuleList(engine.stages)  # zero_grad / train / state_dict see them
+        self.pending_norms: list[torch.Tensor] = []  # DeepSpeed: clip_grad_norm_ results filled at the step
 
     def parameters(self, recurse: bool = True):
         """This rank's parameters (shards), each once: what an optimizer should step."""
@@ -195,11 +202,7 @@ def _restore_from_pretrained(cls) -> None:
 
 
 def _owner(optimizer) -> Optional[ParallelCausalLM]:
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for proxy in _state["proxies"]:
-        if proxy.engine.ds_engine is not None and ids & {id(p) for p in proxy.engine.parameters()}:
-            return proxy
-    return None
+    return _owner_of([p for group in optimizer.param_groups for p in group["params"]])
 
 
 def _adamw_step(self, *args, **kwargs):
@@ -210,7 +213,79 @@ def _adamw_step(self, *args, **kwargs):
     for group in proxy.engine.optimizer.param_groups:
         for key in ("lr", "weight_decay", "betas", "eps"):
             group[key] = self.param_groups[0][key]
-    proxy.engine.optimizer_step()
+    grad_norm = proxy.engine.optimizer_step()
+    for norm in proxy.pending_norms:  # what clip_grad_norm_ returned before this step
+        norm.fill_(grad_norm)
+    proxy.pending_norms.clear()
+    return None
+
+
+def _engine_holding(tensors) -> Optional[Any]:
+    """The engine whose parameters' gradients are `tensors` (all of them), if any."""
+    ids = {id(t) for t in tensors}
+    if not ids:
+        return None
+    for proxy in _state["proxies"]:
+        grads = {id(p.grad) for p in proxy.engine.parameters() if p.grad is not None}
+        if ids <= grads:
+            return proxy.engine
+    return None
+
+
+def _global_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """Patched torch.nn.utils.clip_grad._get_total_norm (what clip_grad_norm_ and
+    get_total_norm call, however they were imported): for gradients of a pipeline-parallel
+    engine the norm covers every stage (each pipeline rank holds different parameters), as the
+    single-process loop's does. DTensor gradients (FSDP, TP) already reduce over their mesh."""
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    total = _state["originals"]["get_total_norm"](tensors, norm_type, error_if_nonfinite, foreach)
+    engine = _engine_holding(tensors)
+    if engine is None or engine._pp_group is None:
+        return total
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+
+    plain = total.full_tensor() if isinstance(total, DTensor) else total
+    local = plain.detach().to(torch.float64)
+    if float(norm_type) == float("inf"):
+        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=engine._pp_group)
+    else:
+        local = local ** float(norm_type)
+        dist.all_reduce(local, group=engine._pp_group)
+        local = local ** (1.0 / float(norm_type))
+    combined = local.to(dtype=plain.dtype, device=plain.device)
+    if isinstance(total, DTensor):  # keep the type torch's clipping multiplies DTensor gradients by
+        return DTensor.from_local(combined, total.device_mesh, [Replicate()] * total.device_mesh.ndim,
+                                  run_check=False)
+    return combined
+
+
+def _clip_grad_norm(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
+    """Patched torch.nn.utils.clip_grad_norm_: under DeepSpeed the gradients live in DeepSpeed's
+    partitions, not in `.grad`, so the clipping is handed to DeepSpeed's step (same formula:
+    scale by max_norm / (norm + 1e-6) when above 1) and the returned tensor receives the global
+    pre-clip norm when `optimizer.step()` has run (NaN until then). Elsewhere torch's own."""
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    proxy = _owner_of(params)
+    if proxy is None:
+        return _state["originals"]["clip_grad_norm"](params, max_norm, norm_type, error_if_nonfinite, foreach)
+    if float(norm_type) != 2.0:
+        raise ValueError(f"clip_grad_norm_(norm_type={norm_type}) on a DeepSpeed layout: DeepSpeed clips by the "
+                         f"L2 norm only; use norm_type=2 or a torch layout (parallel.layout ... backend=torch)")
+    ds = proxy.engine.ds_engine
+    ds._config.gradient_clipping = float(max_norm)
+    if hasattr(ds.optimizer, "clip_grad"):
+        ds.optimizer.clip_grad = float(max_norm)
+    norm = torch.full((), float("nan"), device=proxy.engine.device)
+    proxy.pending_norms.append(norm)
+    return norm
+
+
+def _owner_of(params) -> Optional[ParallelCausalLM]:
+    ids = {id(p) for p in params}
+    for proxy in _state["proxies"]:
+        if proxy.engine.ds_engine is not None and ids & {id(p) for p in proxy.engine.parameters()}:
+            return proxy
     return None
 
 
@@ -238,9 +313,13 @@ def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str]
         "from_pretrained": AutoModelForCausalLM.__dict__.get("from_pretrained"),
         "adamw_step": torch.optim.AdamW.step,
         "tensor_cuda": torch.Tensor.cuda,
+        "get_total_norm": clip_grad_module._get_total_norm,
+        "clip_grad_norm": clip_grad_module.clip_grad_norm_,
     }
     AutoModelForCausalLM.from_pretrained = classmethod(_from_pretrained)
     torch.optim.AdamW.step = _adamw_step
+    clip_grad_module._get_total_norm = _global_total_norm
+    torch.nn.utils.clip_grad_norm_ = clip_grad_module.clip_grad_norm_ = _clip_grad_norm
     if not torch.cuda.is_available():
         torch.Tensor.cuda = _tensor_cuda
     _state["enabled"] = True
@@ -256,6 +335,8 @@ def disable_advanced_parallelization() -> None:
     _restore_from_pretrained(AutoModelForCausalLM)
     torch.optim.AdamW.step = originals["adamw_step"]
     torch.Tensor.cuda = originals["tensor_cuda"]
+    clip_grad_module._get_total_norm = originals["get_total_norm"]
+    torch.nn.utils.clip_grad_norm_ = clip_grad_module.clip_grad_norm_ = originals["clip_grad_norm"]
     for proxy in _state["proxies"]:
         proxy.engine.close()
     _state.update(enabled=False, proxies=[])
