@@ -115,7 +115,8 @@ def _finish(tmp: Path, final: Path, files: list[tuple[str, list[str]]], config, 
     if dtype is not None:
         config.dtype = dtype
     config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    if tokenizer is not None:  # the one-line API's save_pretrained saves the model only, as HF's does
+        tokenizer.save_pretrained(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

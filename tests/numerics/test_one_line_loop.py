@@ -1,0 +1,163 @@
+"""A one-line loop (engine/one_line.py) on 2 gloo ranks against the same loop in one process,
+for a pipeline-parallel and a DeepSpeed layout:
+* `clip_grad_norm_(model.parameters(), 1.0)` returns the global pre-clip norm and clips by it:
+  under pipeline parallel the stage norms are combined (the loop imports `clip_grad_norm_` by
+  name, which only works because torch's `_get_total_norm` is what is patched); under DeepSpeed
+  the clipping is handed to its step and the returned tensor receives the norm at `optim.step()`;
+* the HF model methods scripts call: `save_pretrained` (collective, streamed; plain transformers
+  loads weights equal to the single-process loop's), `num_parameters`, `get_input_embeddings`,
+  `generation_config`, `gradient_checkpointing_enable`, and a helpful AttributeError otherwise.
+Run: TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m pytest tests/numerics/test_one_line_loop.py -q -s
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+from torch.nn.utils import clip_grad_norm_  # bound before the one line patches anything
+
+import harness
+
+pytestmark = pytest.mark.numerics
+WORLD, STEPS, LR, MAX_NORM = 2, 4, 3e-3, 1.0
+LAYOUTS = {
+    "pp": dict(pp=2, pp_schedule="1f1b", micro_batch_size=4, grad_accum=2),
+    "deepspeed": dict(dp_shard=2, zero_stage=2, backend="deepspeed", micro_batch_size=4),
+}
+
+
+def _loop(model, rows: slice, by_attribute: bool) -> dict:
+    optim = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, norms = [], []
+    for batch in harness.global_batches(STEPS):
+        out = model(input_ids=batch["input_ids"][rows], labels=batch["labels"][rows])
+        out.loss.backward()
+        clip = torch.nn.utils.clip_grad_norm_ if by_attribute else clip_grad_norm_
+        norm = clip(model.parameters(), MAX_NORM)
+        optim.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(float(out.loss))
+        norms.append(float(norm))  # read after the step (DeepSpeed fills it there)
+    return {"losses": losses, "norms": norms}
+
+
+def _hf_methods(model, export_dir: str) -> dict:
+    """The HF model methods a fine-tuning script calls, on the parallelized model."""
+    info = {"num_parameters": model.num_parameters(),
+            "num_parameters_no_embeddings": model.num_parameters(exclude_embeddings=True),
+            "is_gradient_checkpointing": model.is_gradient_checkpointing,
+            "generation_config": type(model.generation_config).__name__}
+    model.gradient_checkpointing_enable()  # logs; the plan decides recompute
+    try:
+        info["input_embeddings"] = type(model.get_input_embeddings()).__name__
+    except RuntimeError as exc:
+        info["input_embeddings"] = str(exc)
+    try:
+        model.resize_token_embeddings(10)
+    except AttributeError as exc:
+        info["unknown_attribute"] = str(exc)
+    model.save_pretrained(export_dir, max_shard_size="200KB")  # collective; several parts + index
+    return info
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, out_prefix: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    import raytune_llama
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=90))
+    results = {}
+    try:
+        for name, plan in LAYOUTS.items():
+            raytune_llama.enable_advanced_parallelization(plan)
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            dp_rank, dp_size = model.engine.dp_rank, model.engine.dp_size
+            per = harness.GLOBAL_ROWS // dp_size
+            results[name] = _loop(model, slice(dp_rank * per, (dp_rank + 1) * per), by_attribute=name == "deepspeed")
+            results[name]["hf"] = _hf_methods(model, os.path.join(os.path.dirname(model_dir), f"export_{name}"))
+            raytune_llama.disable_advanced_parallelization()
+    except Exception:
+        results = {"error": f"rank {rank}: " + traceback.format_exc()}
+    with open(f"{out_prefix}{rank}.json", "w") as f:
+        json.dump(results, f)
+    if "error" in results:
+        os._exit(1)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results() -> list[dict]:
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".cache", "torch_extensions"))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        harness.tiny_model().save_pretrained(model_dir, safe_serialization=True)
+        prefix = os.path.join(tmp, "rank")
+        try:
+            mp.spawn(_worker, args=(WORLD, harness._free_port(), model_dir, prefix), nprocs=WORLD, join=True)
+        except Exception:
+            pass  # the per-rank files say what failed
+        per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json")
+                    else {"error": f"rank {r}: no result"} for r in range(WORLD)]
+        errors = [r["error"] for r in per_rank if "error" in r]
+        assert not errors, "\n".join(errors)
+        from transformers import AutoModelForCausalLM
+
+        exports = {}
+        for name in LAYOUTS:  # what save_pretrained wrote, loaded back by plain transformers
+            folder = os.path.join(tmp, f"export_{name}")
+            exports[name] = {"files": sorted(os.listdir(folder)),
+                             "state": AutoModelForCausalLM.from_pretrained(folder).state_dict()}
+    return {"ranks": per_rank, "exports": exports}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    torch.set_num_threads(1)
+    model = harness.tiny_model()
+    return {**_loop(model, slice(None), by_attribute=True), "model": model}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_clip_grad_norm_in_a_one_line_loop_matches_one_process(results, reference, layout):
+    for rank, res in enumerate(results["ranks"]):
+        got = res[layout]
+        print(f"\n[clip] {layout} rank {rank}: norms {got['norms']} (reference {reference['norms']})")
+        assert reference["norms"][0] > MAX_NORM  # the clipping is exercised
+        assert got["norms"] == pytest.approx(reference["norms"], rel=1e-5)
+        assert got["losses"][0] == pytest.approx(reference["losses"][0], rel=1e-5)
+        assert got["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_hf_model_methods_on_the_parallelized_model(results, reference, layout):
+    ref = reference["model"]
+    emb = ref.get_input_embeddings().weight.numel()
+    for rank, res in enumerate(results["ranks"]):
+        hf = res[layout]["hf"]
+        assert hf["num_parameters"] == ref.num_parameters()
+        assert hf["num_parameters_no_embeddings"] == ref.num_parameters() - emb
+        assert hf["generation_config"] == "GenerationConfig" and hf["is_gradient_checkpointing"] is False
+        # The embedding lives on pipeline rank 0 only; an unknown attribute names what to do instead.
+        first = layout != "pp" or rank == 0
+        assert (hf["input_embeddings"] == "Embedding") if first else "first pipeline stage" in hf["input_embeddings"]
+        assert "'resize_token_embeddings' is not available" in hf["unknown_attribute"]
+        assert "save_pretrained" in hf["unknown_attribute"]
+    # save_pretrained (every rank, streamed, 200 KB parts): plain transformers loads the trained
+    # weights, equal to the single-process loop's.
+    export = results["exports"][layout]
+    assert "model.safetensors.index.json" in export["files"] and "config.json" in export["files"]
+    want = ref.state_dict()
+    assert sorted(export["state"]) == sorted(want)
+    for key, tensor in want.items():
+        torch.testing.assert_close(export["state"][key], tensor, rtol=1e-4, atol=1e-5, msg=key)
