@@ -18,12 +18,16 @@ What happens where (and what a loop may do):
   `ParallelEngine` API directly.
 * `optim.step()` with a stock optimizer over `model.parameters()` updates the (sharded)
   parameters. `torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)` returns and clips
-  by the global norm on every layout: DTensor gradients (FSDP, TP) reduce over their mesh, and
-  under pipeline parallel the stages' norms are combined (torch's `_get_total_norm` is patched,
-  so `from torch.nn.utils import clip_grad_norm_` works too). DeepSpeed layouts route the step
+  by the global norm on every layout: DTensor gradients (FSDP, TP) reduce over their mesh,
+  replicated ones (TP without SP: the norms) count once and are scaled mesh by mesh, and under
+  pipeline parallel the stages' norms are combined (torch's `_get_total_norm` and
+  `_clip_grads_with_norm_` are patched, so `from torch.nn.utils import clip_grad_norm_` works too). DeepSpeed layouts route the step
   to DeepSpeed (with the optimizer's learning rate); there `torch.nn.utils.clip_grad_norm_`
   hands the clipping to DeepSpeed's step and its returned tensor holds the global pre-clip norm
   once `optim.step()` has run (NaN before).
+* Evaluation: under `torch.no_grad()` or after `model.eval()`, `model(input_ids, labels=...)`
+  runs forward only and returns the global token-mean loss (no logits: they are vocab-sharded
+  and spread over micro-batches and stages); gradients and optimizer state are untouched.
 * HF methods: `save_pretrained` (collective, streamed export), `num_parameters`,
   `get_input_embeddings`, `generation_config`, `gradient_checkpointing_enable/disable` (log only:
   recompute belongs to the plan); any other attribute raises an AttributeError saying what to do.
@@ -157,10 +161,12 @@ class ParallelCausalLM(nn.Module):
         if labels is None or input_ids is None:
             raise ValueError("the parallelized model trains on (input_ids, labels): pass labels= "
                              "(the input ids with padding set to -100)")
-        if not torch.is_grad_enabled():
-            raise RuntimeError("evaluation forward passes are not supported on the parallelized model; "
-                               "export it (save_pretrained) and evaluate the exported model")
         _check_right_padding(attention_mask)
+        if not torch.is_grad_enabled() or not self.training:
+            # Evaluation: forward only, gradients and optimizer state untouched; no logits
+            # (they are vocab-sharded and spread over micro-batches and pipeline stages).
+            stats = self.engine.evaluate({"input_ids": input_ids, "labels": labels})
+            return CausalLMOutputWithPast(loss=torch.tensor(stats["loss"], device=self.engine.device))
         stats = self.engine.forward_backward({"input_ids": input_ids, "labels": labels})
         loss = torch.tensor(stats["loss"], device=self.engine.device, requires_grad=True)
         return CausalLMOutputWithPast(loss=loss)
@@ -314,43 +320,45 @@ def _adamw_step(self, *args, **kwargs):
 
 
 def _engine_holding(tensors) -> Optional[Any]:
-    """The engine whose parameters' gradients are `tensors` (all of them), if any."""
+    """The engine whose parameters' gradients are exactly `tensors` (a loop's clip over
+    model.parameters()), if any."""
     ids = {id(t) for t in tensors}
     if not ids:
         return None
     for proxy in _state["proxies"]:
-        grads = {id(p.grad) for p in proxy.engine.parameters() if p.grad is not None}
-        if ids <= grads:
+        if ids == {id(p.grad) for p in proxy.engine.parameters() if p.grad is not None}:
             return proxy.engine
     return None
 
 
 def _global_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=None):
     """Patched torch.nn.utils.clip_grad._get_total_norm (what clip_grad_norm_ and
-    get_total_norm call, however they were imported): for gradients of a pipeline-parallel
-    engine the norm covers every stage (each pipeline rank holds different parameters), as the
-    single-process loop's does. DTensor gradients (FSDP, TP) already reduce over their mesh."""
-    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
-    total = _state["originals"]["get_total_norm"](tensors, norm_type, error_if_nonfinite, foreach)
-    engine = _engine_holding(tensors)
-    if engine is None or engine._pp_group is None:
-        return total
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate
+    get_total_norm call, however they were imported): for the gradients of a parallelized model
+    the norm covers every rank as the single-process loop's does (optim.global_grad_norm: DTensor
+    gradients reduce over their mesh, replicated ones count once, pipeline stages combine)."""
+    from raytune_llama.engine.parallel.optim import global_grad_norm
 
-    plain = total.full_tensor() if isinstance(total, DTensor) else total
-    local = plain.detach().to(torch.float64)
-    if float(norm_type) == float("inf"):
-        dist.all_reduce(local, op=dist.ReduceOp.MAX, group=engine._pp_group)
-    else:
-        local = local ** float(norm_type)
-        dist.all_reduce(local, group=engine._pp_group)
-        local = local ** (1.0 / float(norm_type))
-    combined = local.to(dtype=plain.dtype, device=plain.device)
-    if isinstance(total, DTensor):  # keep the type torch's clipping multiplies DTensor gradients by
-        return DTensor.from_local(combined, total.device_mesh, [Replicate()] * total.device_mesh.ndim,
-                                  run_check=False)
-    return combined
+    tensors = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    engine = _engine_holding(tensors)
+    if engine is None:
+        return _state["originals"]["get_total_norm"](tensors, norm_type, error_if_nonfinite, foreach)
+    total = global_grad_norm(tensors, engine._pp_group, norm_type)
+    if error_if_nonfinite and not torch.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} for gradients is non-finite, so it cannot be "
+                           f"clipped; set error_if_nonfinite=False to clip anyway")
+    return total
+
+
+def _clip_with_norm(parameters, max_norm, total_norm, foreach=None):
+    """Patched torch.nn.utils.clip_grad._clip_grads_with_norm_: a parallelized model's gradients
+    are scaled one mesh at a time (torch's foreach kernels refuse mixed meshes)."""
+    from raytune_llama.engine.parallel.optim import clip_grads_by_mesh
+
+    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+    if _engine_holding([p.grad for p in params if p.grad is not None]) is None:
+        return _state["originals"]["clip_with_norm"](params, max_norm, total_norm, foreach)
+    clip_grads_by_mesh(params, max_norm, total_norm)
+    return None
 
 
 def _clip_grad_norm(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, foreach=None):
@@ -398,6 +406,8 @@ def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str]
     from raytune_llama.engine.model_io import master_dtype
 
     master_dtype(master_weights)  # a bad value fails here, not at from_pretrained
+    # optim binds torch's own norm/clip kernels at import: import it before they are patched.
+    import raytune_llama.engine.parallel.optim  # noqa: F401
     _state["options"] = {"plan": plan, "mixed_precision": mixed_precision, "master_weights": master_weights}
     if _state["enabled"]:
         return
@@ -407,11 +417,13 @@ def enable_advanced_parallelization(plan=None, *, mixed_precision: Optional[str]
         "adamw_step": torch.optim.AdamW.step,
         "tensor_cuda": torch.Tensor.cuda,
         "get_total_norm": clip_grad_module._get_total_norm,
+        "clip_with_norm": clip_grad_module._clip_grads_with_norm_,
         "clip_grad_norm": clip_grad_module.clip_grad_norm_,
     }
     AutoModelForCausalLM.from_pretrained = classmethod(_from_pretrained)
     torch.optim.AdamW.step = _adamw_step
     clip_grad_module._get_total_norm = _global_total_norm
+    clip_grad_module._clip_grads_with_norm_ = _clip_with_norm
     torch.nn.utils.clip_grad_norm_ = clip_grad_module.clip_grad_norm_ = _clip_grad_norm
     if not torch.cuda.is_available():
         torch.Tensor.cuda = _tensor_cuda
@@ -429,6 +441,7 @@ def disable_advanced_parallelization() -> None:
     torch.optim.AdamW.step = originals["adamw_step"]
     torch.Tensor.cuda = originals["tensor_cuda"]
     clip_grad_module._get_total_norm = originals["get_total_norm"]
+    clip_grad_module._clip_grads_with_norm_ = originals["clip_with_norm"]
     torch.nn.utils.clip_grad_norm_ = clip_grad_module.clip_grad_norm_ = originals["clip_grad_norm"]
     for proxy in _state["proxies"]:
         proxy.engine.close()

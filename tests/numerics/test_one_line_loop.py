@@ -1,9 +1,11 @@
 """A one-line loop (engine/one_line.py) on 2 gloo ranks against the same loop in one process,
-for a pipeline-parallel and a DeepSpeed layout:
+for pipeline, DeepSpeed, TP and FSDP layouts:
 * `clip_grad_norm_(model.parameters(), 1.0)` returns the global pre-clip norm and clips by it:
   under pipeline parallel the stage norms are combined (the loop imports `clip_grad_norm_` by
   name, which only works because torch's `_get_total_norm` is what is patched); under DeepSpeed
   the clipping is handed to its step and the returned tensor receives the norm at `optim.step()`;
+* evaluation under `torch.no_grad()` / `model.eval()`: the global token-mean loss of a held-out
+  batch equals the single-process model's, with no gradient created;
 * the HF model methods scripts call: `save_pretrained` (collective, streamed; plain transformers
   loads weights equal to the single-process loop's), `num_parameters`, `get_input_embeddings`,
   `generation_config`, `gradient_checkpointing_enable`, and a helpful AttributeError otherwise.
@@ -28,7 +30,10 @@ WORLD, STEPS, LR, MAX_NORM = 2, 4, 3e-3, 1.0
 LAYOUTS = {
     "pp": dict(pp=2, pp_schedule="1f1b", micro_batch_size=4, grad_accum=2),
     "deepspeed": dict(dp_shard=2, zero_stage=2, backend="deepspeed", micro_batch_size=4),
+    "tp": dict(tp=2, micro_batch_size=4, grad_accum=2),
+    "fsdp": dict(dp_shard=2, zero_stage=3, micro_batch_size=2, grad_accum=2),
 }
+EVAL_BATCH = harness.global_batches(STEPS + 1)[-1]  # rows the loop never trained on
 
 
 def _loop(model, rows: slice, by_attribute: bool) -> dict:
@@ -44,6 +49,17 @@ def _loop(model, rows: slice, by_attribute: bool) -> dict:
         losses.append(float(out.loss))
         norms.append(float(norm))  # read after the step (DeepSpeed fills it there)
     return {"losses": losses, "norms": norms}
+
+
+def _evaluate(model, rows: slice) -> dict:
+    """An eval pass as scripts write it: no_grad, and model.eval() / model.train() around it."""
+    with torch.no_grad():
+        first = float(model(input_ids=EVAL_BATCH["input_ids"][rows], labels=EVAL_BATCH["labels"][rows]).loss)
+    model.eval()
+    second = float(model(input_ids=EVAL_BATCH["input_ids"][rows], labels=EVAL_BATCH["labels"][rows]).loss)
+    model.train()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return {"no_grad": first, "eval_mode": second, "grads_after": len(grads)}
 
 
 def _hf_methods(model, export_dir: str) -> dict:
@@ -83,6 +99,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_prefix: str) -
             dp_rank, dp_size = model.engine.dp_rank, model.engine.dp_size
             per = harness.GLOBAL_ROWS // dp_size
             results[name] = _loop(model, slice(dp_rank * per, (dp_rank + 1) * per), by_attribute=name == "deepspeed")
+            results[name]["eval"] = _evaluate(model, slice(dp_rank * per, (dp_rank + 1) * per))
             results[name]["hf"] = _hf_methods(model, os.path.join(os.path.dirname(model_dir), f"export_{name}"))
             raytune_llama.disable_advanced_parallelization()
     except Exception:
@@ -125,7 +142,10 @@ def results() -> list[dict]:
 def reference() -> dict:
     torch.set_num_threads(1)
     model = harness.tiny_model()
-    return {**_loop(model, slice(None), by_attribute=True), "model": model}
+    trace = _loop(model, slice(None), by_attribute=True)
+    with torch.no_grad():
+        eval_loss = float(model(input_ids=EVAL_BATCH["input_ids"], labels=EVAL_BATCH["labels"]).loss)
+    return {**trace, "model": model, "eval": eval_loss}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -160,4 +180,15 @@ def test_hf_model_methods_on_the_parallelized_model(results, reference, layout):
     want = ref.state_dict()
     assert sorted(export["state"]) == sorted(want)
     for key, tensor in want.items():
-        torch.testing.assert_close(export["state"][key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        diff = float((export["state"][key] - tensor).abs().max())
+        assert diff <= 1e-4, f"{key}: max abs diff {diff:.2e}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_evaluation_returns_the_global_loss_and_leaves_gradients_alone(results, reference, layout):
+    for rank, res in enumerate(results["ranks"]):
+        ev = res[layout]["eval"]
+        print(f"\n[eval] {layout} rank {rank}: {ev} (reference {reference['eval']})")
+        assert ev["no_grad"] == pytest.approx(reference["eval"], rel=1e-4)
+        assert ev["eval_mode"] == ev["no_grad"]
+        assert ev["grads_after"] == 0  # the loop zeroed them; evaluation made none

@@ -153,6 +153,51 @@ class ParallelEngine:
         dist.all_reduce(ce, group=self._dp_group)
         return {"loss": float(ce.item()) * inv_tokens, "tokens": global_tokens}
 
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float | int]:
+        """Forward only over this dp rank's rows (no gradient, no optimizer state touched): the
+        global mean loss over every non-ignored token of the global batch, and that count.
+        Pipeline layouts take the training shape (micro_batch_size * grad_accum rows: the
+        schedule's micro-batch count is fixed); the others any number of rows, in micro-batches."""
+        from raytune_llama.engine.loss import loss_parallel_context
+
+        from .tensor_parallel import vocab_parallel_mesh
+
+        input_ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        mbs = self.plan.micro_batch_size
+        if self.schedule is not None and input_ids.shape[0] != mbs * self.plan.grad_accum:
+            raise ValueError(f"evaluation batch has {input_ids.shape[0]} rows; a pipeline layout evaluates the "
+                             f"training shape, micro_batch_size * grad_accum = {mbs} * {self.plan.grad_accum} = "
+                             f"{mbs * self.plan.grad_accum} rows per dp rank")
+        tokens = torch.tensor([count_target_tokens(labels)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tokens, group=self._dp_group)
+        global_tokens = int(tokens.item())
+        if self.schedule is not None:
+            self._pp_ce = []
+            self._loss_scale = 1.0
+            holds_first = 0 in self.stage_ids
+            holds_last = (self.plan.pp * self.plan.virtual_stages - 1) in self.stage_ids
+            self._pp_vocab_mesh = vocab_parallel_mesh(self.plan, self.mesh, self.stages[-1].config)
+            with self._maybe_autocast(), loss_parallel_context(self._pp_vocab_mesh):
+                self.schedule.eval(*((input_ids,) if holds_first else ()), target=labels if holds_last else None)
+            local_ce = torch.stack(self._pp_ce[-self.plan.grad_accum:]).sum() if self._pp_ce \
+                else torch.zeros((), device=self.device)
+        else:
+            module = self.ds_engine if self.ds_engine is not None else self.modules[0]
+            vocab_mesh = None if self.ds_engine is not None else vocab_parallel_mesh(self.plan, self.mesh,
+                                                                                     self.stages[0].config)
+            local_ce = torch.zeros((), device=self.device)
+            with self._maybe_autocast(), loss_parallel_context(vocab_mesh):
+                for i in range(0, input_ids.shape[0], mbs):
+                    ce = summed_causal_lm_loss(module(input_ids[i:i + mbs]), labels[i:i + mbs], vocab_mesh)
+                    local_ce = local_ce + ce
+        ce = local_ce.to(self.device, torch.float64).reshape(1)
+        if self._pp_group is not None:
+            dist.all_reduce(ce, group=self._pp_group)
+        dist.all_reduce(ce, group=self._dp_group)
+        return {"loss": float(ce.item()) / max(global_tokens, 1), "tokens": global_tokens}
+
     def optimizer_step(self, optimizer=None) -> float:
         """Clip (max_grad_norm) and apply the update with the engine's AdamW, or with
         `optimizer` (e.g. the user's own over `parameters()`); returns the pre-clip grad norm."""

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn.utils import clip_grad
 
 
 def adamw_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -32,38 +33,62 @@ def build_adamw(params_with_names, lr: float, weight_decay: float, betas: tuple[
     return torch.optim.AdamW(adamw_param_groups(params_with_names, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
-def _sq_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+# torch's own norm and clip kernels, bound at import: the one-line API patches the module-level
+# names (engine/one_line.py) so that a user's clip_grad_norm_ covers every rank; these stay torch's.
+_torch_total_norm = getattr(clip_grad, "_get_total_norm", torch.nn.utils.get_total_norm)
+_torch_clip_with_norm = getattr(clip_grad, "_clip_grads_with_norm_", torch.nn.utils.clip_grads_with_norm_)
+
+
+def _mesh_key(t: torch.Tensor) -> int:
+    return id(t.device_mesh) if isinstance(t, DTensor) else -1
+
+
+def _group_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    norm = _torch_total_norm(grads, norm_type)
     if isinstance(norm, DTensor):
-        # The norm of sharded grads is a Partial DTensor: full_tensor() reduces it over the mesh.
+        # The norm of sharded grads is a partial DTensor: full_tensor() reduces it over the mesh.
         norm = norm.full_tensor()
-    return norm.float() ** 2
+    return norm.float()
+
+
+def global_grad_norm(grads: list[torch.Tensor], pp_group=None, norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of all of `grads` over every rank, as one process holding the whole model would
+    compute it: DTensor gradients reduce over their mesh (grouped by mesh: FSDP x TP and TP-only
+    parameters can live on different meshes), plain (replicated) gradients count once, and the
+    stages of a pipeline combine over `pp_group`. A 0-dim float32 tensor on the grads' device."""
+    p = float(norm_type)
+    groups: dict[int, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(_mesh_key(g), []).append(g)
+    device = grads[0].device if grads else torch.device("cpu")
+    norms = [_group_norm(group, p).to(device) for group in groups.values()]
+    if not norms:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+    elif p == float("inf"):
+        total = torch.stack(norms).max()
+    else:
+        total = torch.stack([n ** p for n in norms]).sum()
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        # Each pipeline rank holds different parameters.
+        dist.all_reduce(total, op=dist.ReduceOp.MAX if p == float("inf") else dist.ReduceOp.SUM, group=pp_group)
+    return total if p == float("inf") else total ** (1.0 / p)
+
+
+def clip_grads_by_mesh(params: list[nn.Parameter], max_norm: float, total: torch.Tensor) -> None:
+    """Scale every gradient by max_norm / (total + 1e-6) when that is below 1 (torch's rule),
+    one mesh at a time: torch's foreach kernels refuse DTensors of different meshes (or DTensors
+    with plain tensors) in one call."""
+    groups: dict[int, list[nn.Parameter]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault(_mesh_key(p.grad), []).append(p)
+    for group in groups.values():
+        _torch_clip_with_norm(group, max_norm, total)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None, pp_group=None) -> float:
     """Global L2 norm of all gradients across every rank; clip in place if max_norm is set."""
-    grads = [p.grad for p in params if p.grad is not None]
-    dt = [g for g in grads if isinstance(g, DTensor)]
-    plain = [g for g in grads if not isinstance(g, DTensor)]
-    # Group DTensor grads by mesh: FSDP x TP params and TP-only params can live on different meshes.
-    by_mesh: dict[int, list[torch.Tensor]] = {}
-    for g in dt:
-        by_mesh.setdefault(id(g.device_mesh), []).append(g)
-    total_sq = _sq_norm(plain).to(grads[0].device if grads else "cpu")
-    for group in by_mesh.values():
-        total_sq = total_sq + _sq_norm(group).to(total_sq.device)
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        # Each pipeline rank holds different parameters: sum the squared norms.
-        dist.all_reduce(total_sq, group=pp_group)
-    total = total_sq.sqrt()
+    total = global_grad_norm([p.grad for p in params if p.grad is not None], pp_group)
     if max_norm is not None and max_norm > 0:
-        by_mesh_params: dict[int, list[nn.Parameter]] = {}
-        for p in params:
-            if p.grad is not None:
-                key = id(p.grad.device_mesh) if isinstance(p.grad, DTensor) else -1
-                by_mesh_params.setdefault(key, []).append(p)
-        for group in by_mesh_params.values():
-            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+        clip_grads_by_mesh(params, max_norm, total)
     return float(total)
