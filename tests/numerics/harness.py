@@ -157,6 +157,24 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
     dist.destroy_process_group()
 
 
+def spawn_ranks(worker, world: int, tmp: str, *args) -> list[dict]:
+    """Run `worker(rank, world, port, *args, out_prefix)` in a spawned group of `world` ranks; each
+    rank writes its result as JSON to f"{out_prefix}{rank}.json" ({"error": ...} when it failed).
+    Returns the per-rank results; fails the test with every rank's error if any rank failed."""
+    import torch.multiprocessing as mp
+
+    prefix = os.path.join(tmp, "rank")
+    try:
+        mp.spawn(worker, args=(world, _free_port(), *args, prefix), nprocs=world, join=True)
+    except Exception:
+        pass  # the per-rank files say what failed
+    per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json")
+                else {"error": f"rank {r}: no result"} for r in range(world)]
+    errors = [r["error"] for r in per_rank if "error" in r]
+    assert not errors, "\n".join(errors)
+    return per_rank
+
+
 def run_layouts(world: int, layouts: list[tuple], steps: int = STEPS) -> dict:
     """Run `layouts` ((name, ParallelPlan kwargs[, options])) in one spawned group of `world` gloo ranks."""
     import torch.multiprocessing as mp

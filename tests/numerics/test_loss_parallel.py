@@ -172,19 +172,8 @@ def _worker(rank: int, world: int, port: int, out_prefix: str) -> None:
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "rank")
-        try:
-            mp.spawn(_worker, args=(TP, harness._free_port(), prefix), nprocs=TP, join=True)
-        except Exception:
-            pass  # the per-rank files say what failed
-        per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json")
-                    else {"error": f"rank {r}: no result"} for r in range(TP)]
-    errors = [r["error"] for r in per_rank if "error" in r]
-    assert not errors, "\n".join(errors)
-    return per_rank
+        return harness.spawn_ranks(_worker, TP, tmp)
 
 
 def _assert_losses(got: list[float], ref: list[float]) -> None:

@@ -113,21 +113,11 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_prefix: str) -
 
 @pytest.fixture(scope="module")
 def results() -> list[dict]:
-    import torch.multiprocessing as mp
-
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".cache", "torch_extensions"))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         harness.tiny_model().save_pretrained(model_dir, safe_serialization=True)
-        prefix = os.path.join(tmp, "rank")
-        try:
-            mp.spawn(_worker, args=(WORLD, harness._free_port(), model_dir, prefix), nprocs=WORLD, join=True)
-        except Exception:
-            pass  # the per-rank files say what failed
-        per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json")
-                    else {"error": f"rank {r}: no result"} for r in range(WORLD)]
-        errors = [r["error"] for r in per_rank if "error" in r]
-        assert not errors, "\n".join(errors)
+        per_rank = harness.spawn_ranks(_worker, WORLD, tmp, model_dir)
         from transformers import AutoModelForCausalLM
 
         exports = {}

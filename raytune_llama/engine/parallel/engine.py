@@ -133,10 +133,7 @@ class ParallelEngine:
         if input_ids.shape[0] != rows:
             raise ValueError(f"batch has {input_ids.shape[0]} rows; this dp rank needs micro_batch_size * "
                              f"grad_accum = {self.plan.micro_batch_size} * {self.plan.grad_accum} = {rows}")
-        # Sync point 1: the global target-token count (dp axis only: tp/pp peers hold the same rows).
-        tokens = torch.tensor([count_target_tokens(labels)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tokens, group=self._dp_group)
-        global_tokens = int(tokens.item())
+        global_tokens = self._global_tokens(labels)
         inv_tokens = 1.0 / max(global_tokens, 1)
         if self.ds_engine is not None:
             local_ce = self._deepspeed_step(input_ids, labels, inv_tokens)
@@ -146,12 +143,21 @@ class ParallelEngine:
             with self._maybe_autocast():
                 local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
                     else self._micro_batch_step(input_ids, labels)
-        # Sync point 2: the reported loss is the global token mean (only last-stage ranks hold CE).
+        return {"loss": self._global_ce(local_ce) * inv_tokens, "tokens": global_tokens}
+
+    def _global_tokens(self, labels: torch.Tensor) -> int:
+        # Sync point 1: the global target-token count (dp axis only: tp/pp peers hold the same rows).
+        tokens = torch.tensor([count_target_tokens(labels)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tokens, group=self._dp_group)
+        return int(tokens.item())
+
+    def _global_ce(self, local_ce: torch.Tensor) -> float:
+        # Sync point 2: the summed CE over every rank (only last-stage ranks hold CE).
         ce = local_ce.detach().to(self.device, torch.float64).reshape(1)
         if self._pp_group is not None:
             dist.all_reduce(ce, group=self._pp_group)
         dist.all_reduce(ce, group=self._dp_group)
-        return {"loss": float(ce.item()) * inv_tokens, "tokens": global_tokens}
+        return float(ce.item())
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> dict[str, float | int]:
@@ -170,19 +176,11 @@ class ParallelEngine:
             raise ValueError(f"evaluation batch has {input_ids.shape[0]} rows; a pipeline layout evaluates the "
                              f"training shape, micro_batch_size * grad_accum = {mbs} * {self.plan.grad_accum} = "
                              f"{mbs * self.plan.grad_accum} rows per dp rank")
-        tokens = torch.tensor([count_target_tokens(labels)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tokens, group=self._dp_group)
-        global_tokens = int(tokens.item())
+        global_tokens = self._global_tokens(labels)
         if self.schedule is not None:
-            self._pp_ce = []
             self._loss_scale = 1.0
-            holds_first = 0 in self.stage_ids
-            holds_last = (self.plan.pp * self.plan.virtual_stages - 1) in self.stage_ids
-            self._pp_vocab_mesh = vocab_parallel_mesh(self.plan, self.mesh, self.stages[-1].config)
-            with self._maybe_autocast(), loss_parallel_context(self._pp_vocab_mesh):
-                self.schedule.eval(*((input_ids,) if holds_first else ()), target=labels if holds_last else None)
-            local_ce = torch.stack(self._pp_ce[-self.plan.grad_accum:]).sum() if self._pp_ce \
-                else torch.zeros((), device=self.device)
+            with self._maybe_autocast():
+                local_ce = self._pipeline_step(input_ids, labels, backward=False)
         else:
             module = self.ds_engine if self.ds_engine is not None else self.modules[0]
             vocab_mesh = None if self.ds_engine is not None else vocab_parallel_mesh(self.plan, self.mesh,
@@ -192,11 +190,7 @@ class ParallelEngine:
                 for i in range(0, input_ids.shape[0], mbs):
                     ce = summed_causal_lm_loss(module(input_ids[i:i + mbs]), labels[i:i + mbs], vocab_mesh)
                     local_ce = local_ce + ce
-        ce = local_ce.to(self.device, torch.float64).reshape(1)
-        if self._pp_group is not None:
-            dist.all_reduce(ce, group=self._pp_group)
-        dist.all_reduce(ce, group=self._dp_group)
-        return {"loss": float(ce.item()) / max(global_tokens, 1), "tokens": global_tokens}
+        return {"loss": self._global_ce(local_ce) / max(global_tokens, 1), "tokens": global_tokens}
 
     def optimizer_step(self, optimizer=None) -> float:
         """Clip (max_grad_norm) and apply the update with the engine's AdamW, or with
@@ -250,7 +244,7 @@ class ParallelEngine:
         self._pp_ce.append(ce.detach())
         return ce * self._loss_scale
 
-    def _pipeline_step(self, input_ids, labels) -> torch.Tensor:
+    def _pipeline_step(self, input_ids, labels, backward: bool = True) -> torch.Tensor:
         from raytune_llama.engine.loss import loss_parallel_context
 
         from .tensor_parallel import vocab_parallel_mesh
@@ -260,9 +254,13 @@ class ParallelEngine:
         holds_last = (self.plan.pp * self.plan.virtual_stages - 1) in self.stage_ids
         self._pp_vocab_mesh = vocab_parallel_mesh(self.plan, self.mesh, self.stages[-1].config)
         args = (input_ids,) if holds_first else ()
-        # The schedule runs every micro-batch's loss forward and backward inside step().
+        # The schedule runs every micro-batch's loss forward and backward inside step(); eval()
+        # runs the forwards and the losses only.
         with loss_parallel_context(self._pp_vocab_mesh):
-            self.schedule.step(*args, target=labels if holds_last else None, return_outputs=False)
+            if backward:
+                self.schedule.step(*args, target=labels if holds_last else None, return_outputs=False)
+            else:
+                self.schedule.eval(*args, target=labels if holds_last else None)
         if not self._pp_ce:
             return torch.zeros((), device=self.device)
         # The first step's stage initialisation runs the loss once more for shape inference:
