@@ -25,6 +25,8 @@ _EXPORTS = {
     "disable_advanced_parallelization": "raytune_llama.engine.one_line",
     "get_dataset_shard": "raytune_llama.trainer.user_loop",
     "log_step": "raytune_llama.trainer.user_loop",
+    "save_checkpoint": "raytune_llama.trainer.user_checkpoints",
+    "resume": "raytune_llama.trainer.user_checkpoints",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -53,7 +53,22 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per packed training sequence."""
     tokenize_batch_size: int = 512
-    """Documents per Ray Data tokenize/pack batch."""
+    """Documents per tokenizer call inside a store build task (bounds the task's memory)."""
+    chunk_mb: float = 4.0
+    """Source bytes per token-store chunk: the unit of tokenization, of shuffling, and of the
+    wait before the first step (docs/data.md "Token store")."""
+    shuffle: bool = True
+    """Seeded per-epoch shuffle: of the chunks, and of the rows within each window of chunks."""
+    shuffle_window: int = 16
+    """Chunks whose rows are shuffled together (a global batch mixes rows of that many chunks
+    from anywhere in the corpus); also how many chunks must be tokenized before the first step."""
+    shuffle_seed: int = 0
+    """Seed of the data order (the same order at every world size and cluster shape)."""
+    store_dir: Optional[str] = None
+    """Where packed token stores live; default {run.storage_path}/token_store (a filesystem
+    every node can read, as run.storage_path is)."""
+    hf_streaming: bool = False
+    """format hf: read the dataset as a streaming IterableDataset, one chunk per source shard."""
 
 
 @dataclass
@@ -155,7 +170,8 @@ class RunConfig:
     and stack and ends its process, and the worker group restarts from the latest checkpoint
     (counted against max_failures). None tightens automatically after the first step to 10x
     the slowest step seen, at least 120 s. Never above collective_timeout_s; the step after
-    a checkpoint keeps collective_timeout_s (it waits for rank 0's upload)."""
+    a checkpoint keeps collective_timeout_s (on a URI storage_path it can wait for a rank's
+    upload of its checkpoint files)."""
 
 
 SECTIONS = {

@@ -2,6 +2,7 @@
 value and the fix; all are gathered so the user fixes everything in one go."""
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -33,6 +34,9 @@ RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
     ("train", "log_every", lambda v: v >= 1, ">= 1"),
     ("data", "seq_len", lambda v: v >= 2, ">= 2"),
     ("data", "tokenize_batch_size", lambda v: v >= 1, ">= 1"),
+    ("data", "chunk_mb", lambda v: v > 0, "> 0 (megabytes of source text per chunk)"),
+    ("data", "shuffle_seed", lambda v: v >= 0, ">= 0"),
+    ("data", "shuffle_window", lambda v: v >= 1, ">= 1 chunk"),
     ("parallel", "num_workers", lambda v: v >= 1, ">= 1"),
     ("parallel", "cpus_per_worker", lambda v: v > 0, "> 0"),
     ("parallel", "resize_check_s", lambda v: v >= 0, ">= 0 seconds"),
@@ -45,7 +49,8 @@ RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
 INT_FIELDS = {
     ("train", "max_steps"), ("train", "global_batch_size"),
     ("train", "warmup_steps"), ("train", "log_every"), ("data", "seq_len"),
-    ("data", "tokenize_batch_size"), ("parallel", "num_workers"),
+    ("data", "tokenize_batch_size"), ("data", "shuffle_seed"), ("data", "shuffle_window"),
+    ("parallel", "num_workers"),
     ("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("run", "max_failures"), ("run", "collective_timeout_s"),
 }
 
@@ -68,6 +73,9 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
     elif layout is not None and cfg.parallel.master_weights == "bf16" and "backend=deepspeed" in layout.replace(" ", ""):
         problems.append(f"parallel.master_weights: 'bf16' with parallel.layout {layout!r}: DeepSpeed's bf16 mode "
                         f"always keeps fp32 master weights; use master_weights: fp32, or a torch layout")
+    for key in ("shuffle", "hf_streaming"):
+        if not isinstance(getattr(cfg.data, key), bool):
+            problems.append(f"data.{key}: {getattr(cfg.data, key)!r} must be true or false")
     async_save = cfg.checkpoint.async_save
     if not isinstance(async_save, bool):
         problems.append(f"checkpoint.async_save: {async_save!r} must be true or false")
@@ -171,10 +179,10 @@ def resolve_format(path: str, fmt: str) -> str:
     if name.endswith(".parquet"):
         return "parquet"
     if p.is_dir():
-        exts = {f.suffix.lower() for f in p.iterdir() if f.is_file()}
-        if ".parquet" in exts:
+        names = [f.name.lower() for f in p.iterdir() if f.is_file()]
+        if any(n.endswith(".parquet") for n in names):
             return "parquet"
-        if exts & {".jsonl", ".json"}:
+        if any(n.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")) for n in names):
             return "jsonl"
     return "hf" if looks_like_hub_id(path) else "unknown"
 
@@ -213,12 +221,16 @@ def _first_columns(path: Path, fmt: str):
             import pyarrow.parquet as pq
 
             return set(pq.read_schema(f).names)
-        if fmt == "jsonl" and f.suffix in (".jsonl", ".json"):
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for line in fh:
-                    if line.strip():
-                        try:
-                            return set(json.loads(line))
-                        except (json.JSONDecodeError, TypeError):
-                            return {"<not JSON lines>"}
+        if fmt == "jsonl" and f.name.lower().endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
+            opener = gzip.open if f.suffix == ".gz" else open
+            try:
+                with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
+                    for line in fh:
+                        if line.strip():
+                            try:
+                                return set(json.loads(line))
+                            except (json.JSONDecodeError, TypeError):
+                                return {"<not JSON lines>"}
+            except OSError:  # unreadable: the build names it; look at the next file
+                continue
     return None

@@ -7,20 +7,25 @@ Two formats, told apart by the top-level manifest's "format" key:
 - full: rank 0 writes model.pt / optimizer.pt / rng.pt / meta.json (the gathered whole model).
 - sharded: every rank writes only its own shards with torch.distributed.checkpoint (DCP) plus
   MANIFEST.rank{r}.json (sizes + SHA-256 of that rank's files); rank 0 also writes meta.json and
-  rng.pt, then MANIFEST.json last, naming every expected rank manifest and its SHA-256. Each
-  rank writes into its own local directory; Ray Train merges them into one checkpoint_* folder
-  (every rank passes its directory to ray.train.report). A checkpoint missing any rank's
-  manifest or any listed file, or with a file that does not match, is refused."""
+  rng.pt, then MANIFEST.json last, naming every expected rank manifest and its SHA-256. The
+  ranks write into one shared folder (trainer/checkpoint_report.py: straight into the run's
+  checkpoint_* folder on a filesystem run.storage_path) or each into a local directory that Ray
+  Train merges into one checkpoint_* folder (a URI storage_path). A checkpoint missing any rank's
+  manifest or any listed file, or with a file that does not match, is refused.
+
+Every SHA-256 is computed while the file is written (engine/checkpoint_hashing.py), so a save
+writes each byte once and never reads it back; verification hashes from disk, each rank its
+share (share_of_files)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
-import logging
 
 import torch
+
+from raytune_llama.engine.checkpoint_hashing import HashedFiles, HashingFileSystemWriter, file_sha256
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
@@ -35,47 +40,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
+def _write_atomic(path: Path, write, hashed: HashedFiles | None = None) -> dict:
+    """write(stream) into a temp file, fsync, rename over `path`; returns the file's {"bytes",
+    "sha256"}, computed while writing (recorded in `hashed` too when given)."""
+    hashed = HashedFiles() if hashed is None else hashed
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
+    with hashed.open(tmp) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    hashed.rename(tmp, path)
+    return hashed.entry(path)
 
 
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_json_atomic(path: Path, data: Any, hashed: HashedFiles | None = None) -> dict:
+    text = json.dumps(data, indent=2, sort_keys=True)  # ASCII: the bytes json.dump wrote before
+    return _write_atomic(path, lambda f: f.write(text.encode()), hashed)
+
+
+def _torch_save_atomic(obj: Any, path: Path, hashed: HashedFiles | None = None) -> dict:
+    return _write_atomic(path, lambda f: torch.save(obj, f), hashed)
 
 
 def save_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict, meta: dict) -> Path:
-    """Write model/optimizer state, RNG state and meta (step, cursor, ...) then the manifest."""
+    """Write model/optimizer state, RNG state and meta (step, cursor, ...) then the manifest,
+    whose sizes and SHA-256 were computed as the files were written."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    _torch_save_atomic(model, d / "model.pt")
-    _torch_save_atomic(optimizer, d / "optimizer.pt")
-    _torch_save_atomic({"torch": torch.get_rng_state()}, d / "rng.pt")
-    _write_json_atomic(d / "meta.json", meta)
-    files = _file_entries(d, ("model.pt", "optimizer.pt", "rng.pt", "meta.json"))
+    files = {
+        "model.pt": _torch_save_atomic(model, d / "model.pt"),
+        "optimizer.pt": _torch_save_atomic(optimizer, d / "optimizer.pt"),
+        "rng.pt": _torch_save_atomic({"torch": torch.get_rng_state()}, d / "rng.pt"),
+        "meta.json": _write_json_atomic(d / "meta.json", meta),
+    }
     _write_json_atomic(d / MANIFEST, {"format_version": FORMAT_VERSION, "files": files})
     return d
-
-
-def _file_entries(d: Path, names) -> dict:
-    return {name: {"bytes": (d / name).stat().st_size, "sha256": _sha256(d / name)} for name in names}
 
 
 def _check_file(path: Path, entry: dict, manifest_path: Path) -> None:
@@ -84,7 +84,7 @@ def _check_file(path: Path, entry: dict, manifest_path: Path) -> None:
     if path.stat().st_size != entry["bytes"]:
         raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {manifest_path.name} says "
                               f"{entry['bytes']} (truncated?)")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise CheckpointError(f"{path}: SHA-256 does not match {manifest_path.name} (corrupted)")
 
 
@@ -121,7 +121,7 @@ def checkpoint_files(directory: str | os.PathLike) -> tuple[dict, list[tuple[Pat
             if not path.is_file():
                 raise CheckpointError(f"{path}: rank manifest named in {MANIFEST} is missing "
                                       "(that rank's shards were not persisted)")
-            if _sha256(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:
                 raise CheckpointError(f"{path}: SHA-256 does not match {MANIFEST} (corrupted)")
             files += [(d / f, e, path) for f, e in _read_manifest(path, "rank manifest")["files"].items()]
     return manifest, files
@@ -188,36 +188,41 @@ def load_training_state(directory: str | os.PathLike, verify: bool = True) -> di
 
 def save_sharded_training_state(directory: str | os.PathLike, *, model: dict, optimizer: dict | None,
                                 meta: dict, rank: int, world_size: int) -> Path:
-    """Collective (every rank calls it with its own local directory): DCP-save this rank's
-    shards of {"model", "optimizer"} (from engine.get_state(full=False)), then
-    finish_sharded_checkpoint. No rank holds more than its shards."""
+    """Collective (every rank calls it with the same shared folder, or each with its own local
+    one): DCP-save this rank's shards of {"model", "optimizer"} (from engine.get_state(full=False))
+    through a hashing writer, then finish_sharded_checkpoint. No rank holds more than its shards."""
     import torch.distributed.checkpoint as dcp
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {"model": model} if optimizer is None else {"model": model, "optimizer": optimizer}
-    dcp.save(state, checkpoint_id=str(d))
+    writer = HashingFileSystemWriter(d)
+    dcp.save(state, storage_writer=writer)
     return finish_sharded_checkpoint(d, meta=meta, rng_state=torch.get_rng_state(), rank=rank,
-                                     world_size=world_size, has_optimizer=optimizer is not None)
+                                     world_size=world_size, has_optimizer=optimizer is not None,
+                                     written=writer.hashed)
 
 
 def finish_sharded_checkpoint(directory: str | os.PathLike, *, meta: dict, rng_state: torch.Tensor, rank: int,
-                              world_size: int, has_optimizer: bool) -> Path:
-    """Collective, after this rank's DCP files are complete: rank 0 writes rng.pt + meta.json;
-    every rank writes MANIFEST.rank{r}.json (sizes + SHA-256 of its files); rank 0 writes
-    MANIFEST.json last, naming every rank manifest with its SHA-256 (gathered from the ranks)."""
+                              world_size: int, has_optimizer: bool, written: HashedFiles) -> Path:
+    """Collective, after this rank's DCP files are complete (`written`: their sizes and SHA-256,
+    recorded while DCP wrote them): rank 0 writes rng.pt + meta.json; every rank writes
+    MANIFEST.rank{r}.json listing only the files it wrote (the folder may be shared by all
+    ranks); rank 0 writes MANIFEST.json last, naming every rank manifest with its SHA-256
+    (gathered from the ranks).
+
+    The gather waits only for the other ranks' small manifest writes: their shard writes ended
+    inside dcp.save (whose own final gather is the one wait on the slowest rank's shard I/O, see
+    bench/checkpoint_scale.py) and nothing is read back, so it never waits on long I/O."""
     import torch.distributed as dist
 
     d = Path(directory)
     if rank == 0:
-        _torch_save_atomic({"torch": rng_state}, d / "rng.pt")
-        _write_json_atomic(d / "meta.json", meta)
-    own = sorted(p.name for p in d.iterdir() if p.is_file() and not p.name.startswith("MANIFEST")
-                 and not p.name.endswith(".tmp"))
+        _torch_save_atomic({"torch": rng_state}, d / "rng.pt", written)
+        _write_json_atomic(d / "meta.json", meta, written)
     mine = rank_manifest_name(rank)
-    _write_json_atomic(d / mine, {"format_version": SHARDED_FORMAT_VERSION, "rank": rank,
-                                  "files": _file_entries(d, own)})
-    entry = (mine, {"sha256": _sha256(d / mine)})
+    entry = (mine, {"sha256": _write_json_atomic(d / mine, {"format_version": SHARDED_FORMAT_VERSION,
+                                                            "rank": rank, "files": written.entries_in(d)})["sha256"]})
     if dist.is_initialized() and world_size > 1:
         entries = [None] * world_size if rank == 0 else None
         dist.gather_object(entry, entries, dst=0)

@@ -6,9 +6,13 @@ Collective: every rank of the process group calls these functions in the same or
 
     choose_checkpoint([newest, older, ...])   # each rank hashes 1/world of the files, all agree
     load_engine_checkpoint(engine, chosen)     # -> meta (step, cursor, tokens seen, ...)
-    save_engine_checkpoint(engine, tmp_dir, meta, "sharded")
-    pending = begin_async_save(engine, tmp_dir, meta)   # sharded: training goes on meanwhile
-    ... train ...; finish_async_save(pending)           # then report tmp_dir
+    save_engine_checkpoint(engine, folder, meta, "sharded")
+    pending = begin_async_save(engine, folder, meta)    # sharded: training goes on meanwhile
+    ... train ...; finish_async_save(pending)           # then report folder
+
+`folder` is the checkpoint's final folder on shared storage (the same on every rank) or a local
+directory per rank (trainer/checkpoint_report.py decides). Every file is hashed while written
+(engine/checkpoint_hashing.py).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch.distributed as dist
 import torch
 
 from raytune_llama.engine.checkpoint import (
+    MANIFEST,
     checkpoint_format,
     finish_sharded_checkpoint,
     load_sharded_training_state,
@@ -28,10 +33,12 @@ from raytune_llama.engine.checkpoint import (
     save_sharded_training_state,
     save_training_state,
 )
+from raytune_llama.engine.checkpoint_hashing import HashedFiles, HashingFileSystemWriter
 from raytune_llama.engine.ranks import broadcast_from_rank0, gather_from_all_ranks, rank_and_world
 from raytune_llama.engine.training_state import gather_full_state
 
 FORMATS = ("full", "sharded")
+WRITING = "WRITING"  # marker in a checkpoint folder whose ranks are still writing into it
 
 
 def resolve_format(requested: str, plan) -> str:
@@ -50,10 +57,21 @@ def choose_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:
     (about 1/world of the bytes, largest files spread first) in parallel and the verdicts are
     gathered, so verification takes total bytes / world per rank instead of rank 0 hashing a
     70B checkpoint's hundreds of GB while the others wait in a collective. Rank 0's candidate
-    list is used by all. Needs the checkpoint on storage that every rank sees (shared storage)."""
+    list is used by all. Needs the checkpoint on storage that every rank sees (shared storage).
+    A folder whose write never finished (unfinished_write: a crash while the ranks wrote straight
+    into it) is not a checkpoint at all and is left out, so a crash during the first checkpoint
+    resumes from scratch instead of failing on a folder that was never complete."""
     rank, world = rank_and_world()
-    candidates = [Path(p) for p in broadcast_from_rank0([str(p) for p in candidates])]
+    mine = [str(p) for p in candidates if not unfinished_write(p)] if rank == 0 else []
+    candidates = [Path(p) for p in broadcast_from_rank0(mine)]
     return newest_valid_checkpoint(candidates, rank, world, agree=gather_from_all_ranks)
+
+
+def unfinished_write(folder: str | os.PathLike) -> bool:
+    """A checkpoint folder written in place whose write did not finish: the WRITING marker rank 0
+    puts there before any rank writes, and no top-level manifest (which comes last)."""
+    d = Path(folder)
+    return (d / WRITING).exists() and not (d / MANIFEST).exists()
 
 
 def load_engine_checkpoint(engine, directory: str | os.PathLike) -> dict:
@@ -72,8 +90,9 @@ def load_engine_checkpoint(engine, directory: str | os.PathLike) -> dict:
 
 
 def save_engine_checkpoint(engine, directory: str | os.PathLike, meta: dict, fmt: str) -> bool:
-    """Write the engine's model + optimizer state, RNG and meta into `directory` (a local
-    directory of this rank); returns whether this rank wrote anything (full: rank 0 only).
+    """Write the engine's model + optimizer state, RNG and meta into `directory` (the
+    checkpoint's folder on shared storage, the same on every rank, or a local directory of this
+    rank); returns whether this rank wrote anything (full: rank 0 only).
     sharded: every rank writes only its own shards and manifest, rank 0 the manifest last.
     full: the whole state is gathered to rank 0, which writes it."""
     if fmt not in FORMATS:
@@ -93,11 +112,13 @@ def save_engine_checkpoint(engine, directory: str | os.PathLike, meta: dict, fmt
 
 
 class PendingSave:
-    """A sharded checkpoint whose shards are being written in the background."""
+    """A sharded checkpoint whose shards are being written in the background (`written`
+    records their sizes and SHA-256 as the background writer goes)."""
 
-    def __init__(self, future, directory: Path, meta: dict, rng_state: torch.Tensor, has_optimizer: bool):
+    def __init__(self, future, directory: Path, meta: dict, rng_state: torch.Tensor, has_optimizer: bool,
+                 written: HashedFiles):
         self.future, self.directory, self.meta = future, directory, meta
-        self.rng_state, self.has_optimizer = rng_state, has_optimizer
+        self.rng_state, self.has_optimizer, self.written = rng_state, has_optimizer, written
 
 
 _checkpoint_group = None
@@ -113,18 +134,21 @@ def _background_group():
 
 
 def begin_async_save(engine, directory: str | os.PathLike, meta: dict) -> PendingSave:
-    """Start a sharded checkpoint: this rank's shards are copied (staged) now, at this step,
-    and written by a background thread while training continues; the RNG state and meta are
-    captured now too. Nothing is visible until finish_async_save writes the manifests."""
+    """Start a sharded checkpoint: this rank's shards are copied (staged) to host memory now,
+    at this step, and written (and hashed) by a background thread into `directory` while
+    training continues; the RNG state and meta are captured now too. Nothing is a checkpoint
+    until finish_async_save writes the manifests. The background write's collectives run on a
+    gloo group of their own, so no training-step collective waits on its I/O."""
     import torch.distributed.checkpoint as dcp
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     model_state, optim_state = engine.get_state(full=False)
     state = {"model": model_state} if optim_state is None else {"model": model_state, "optimizer": optim_state}
-    future = dcp.async_save(state, checkpoint_id=str(d), process_group=_background_group())
+    writer = HashingFileSystemWriter(d)  # also the stager: a blocking copy to CPU memory
+    future = dcp.async_save(state, storage_writer=writer, process_group=_background_group())
     meta = {**meta, "format": "sharded", "plan": engine.plan.to_dict()}
-    return PendingSave(future, d, meta, torch.get_rng_state(), optim_state is not None)
+    return PendingSave(future, d, meta, torch.get_rng_state(), optim_state is not None, writer.hashed)
 
 
 def finish_async_save(pending: PendingSave) -> Path:
@@ -133,4 +157,5 @@ def finish_async_save(pending: PendingSave) -> Path:
     pending.future.result()
     rank, world = rank_and_world()
     return finish_sharded_checkpoint(pending.directory, meta=pending.meta, rng_state=pending.rng_state,
-                                     rank=rank, world_size=world, has_optimizer=pending.has_optimizer)
+                                     rank=rank, world_size=world, has_optimizer=pending.has_optimizer,
+                                     written=pending.written)

@@ -98,7 +98,8 @@ class ParallelCausalLM(nn.Module):
         except AttributeError:
             raise AttributeError(
                 f"{name!r} is not available on the parallelized model (raytune_llama.ParallelCausalLM): it offers "
-                f"forward/__call__ for training steps, parameters(), save_pretrained(), num_parameters(), "
+                f"forward/__call__ for training steps, parameters(), named_parameters(), save_pretrained(), "
+                f"num_parameters(), "
                 f"get_input_embeddings(), gradient_checkpointing_enable()/disable(), config, generation_config, "
                 f"train()/eval(); for anything else export it (save_pretrained) and load the export with "
                 f"transformers") from None
@@ -106,6 +107,11 @@ class ParallelCausalLM(nn.Module):
     def parameters(self, recurse: bool = True):
         """This rank's parameters (shards), each once: what an optimizer should step."""
         return iter(self.engine.parameters())
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """This rank's parameters (shards) with the HF model's names, e.g. to put norms and
+        biases in a param group without weight decay."""
+        return iter((f"{prefix}.{name}" if prefix else name, p) for name, p in self.engine.named_parameters())
 
     def cuda(self, device=None):
         """Already on the worker's device."""
@@ -120,18 +126,45 @@ class ParallelCausalLM(nn.Module):
         global token-mean loss (already back-propagated)."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        if labels is None or input_ids is None:
+        evaluating = not torch.is_grad_enabled() or not self.training
+        if input_ids is None or (labels is None and not evaluating):
             raise ValueError("the parallelized model trains on (input_ids, labels): pass labels= "
-                             "(the input ids with padding set to -100)")
+                             "(the input ids with padding set to -100); without labels it returns logits "
+                             "under torch.no_grad() or model.eval() only")
         _check_right_padding(attention_mask)
-        if not torch.is_grad_enabled() or not self.training:
-            # Evaluation: forward only, gradients and optimizer state untouched; no logits
-            # (they are vocab-sharded and spread over micro-batches and pipeline stages).
+        input_ids, labels = self._rows_of_this_rank(input_ids, labels, evaluating)
+        if evaluating and labels is None:
+            # As HF: no labels, logits (full vocabulary, this rank's rows; not under pipeline parallel).
+            return CausalLMOutputWithPast(logits=self.engine.logits(input_ids))
+        if evaluating:
+            # Evaluation: forward only, gradients and optimizer state untouched; the global
+            # loss (logits: call without labels).
             stats = self.engine.evaluate({"input_ids": input_ids, "labels": labels})
             return CausalLMOutputWithPast(loss=torch.tensor(stats["loss"], device=self.engine.device))
         stats = self.engine.forward_backward({"input_ids": input_ids, "labels": labels})
         loss = torch.tensor(stats["loss"], device=self.engine.device, requires_grad=True)
         return CausalLMOutputWithPast(loss=loss)
+
+
+    def _rows_of_this_rank(self, input_ids, labels, evaluating: bool):
+        """A loop may pass this dp rank's share of the global batch (raytune_llama.get_dataset_shard)
+        or, from its own DataLoader iterated alike on every rank, the whole global batch: then
+        this rank's contiguous share is taken. Training needs one of those two sizes."""
+        plan, engine = self.engine.plan, self.engine
+        share = plan.micro_batch_size * plan.grad_accum
+        rows = input_ids.shape[0]
+        if engine.dp_size > 1 and rows == share * engine.dp_size:
+            lo, hi = engine.dp_rank * share, (engine.dp_rank + 1) * share
+            return input_ids[lo:hi], None if labels is None else labels[lo:hi]
+        if rows != share and not (evaluating and plan.pp == 1):
+            raise ValueError(
+                f"batch has {rows} rows; the plan ({plan.describe()}) takes {share * engine.dp_size} rows per step "
+                f"when every rank passes the same global batch ({engine.dp_size} data-parallel ranks x "
+                f"micro_batch_size {plan.micro_batch_size} x grad_accum {plan.grad_accum}), or {share} when each "
+                f"rank passes its own share (raytune_llama.get_dataset_shard); set the DataLoader's batch_size "
+                f"to {share * engine.dp_size} (drop_last=True), or plan for {rows}: "
+                f"enable_advanced_parallelization(global_batch_size={rows})")
+        return input_ids, labels
 
 
 def _shard_bytes(size) -> int:

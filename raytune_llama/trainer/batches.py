@@ -1,52 +1,43 @@
-"""Global-batch iteration over the materialized, ordered dataset with a global sample cursor.
+"""This rank's rows of each global batch, read straight from the token store.
 
-Every worker walks the same sample order and takes its data-parallel slice of each global
-batch, so the order does not depend on the world size and a run resumes at an exact sample."""
+Every rank computes the same global order (engine/data/order.py: a function of the store,
+the seed and the global batch, never of the world size), takes the positions of its own
+data-parallel share of the batch, and reads only those rows; tensor / pipeline peers of one
+dp rank read the same rows. A run resumes at an exact sample without reading anything before
+it (docs/data.md "Order, shuffling and resume")."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
-
-def samples_per_epoch(num_samples: int, global_batch: int) -> int:
-    """Samples used per epoch: whole global batches only."""
-    return (num_samples // global_batch) * global_batch
+from raytune_llama.engine.data.order import SampleOrder
+from raytune_llama.engine.data.store import TokenStore
 
 
-def iter_global_batches(epoch_batches: Callable[[int], Iterable[dict]], *, num_samples: int,
-                        global_batch: int, cursor: int) -> Iterator[dict]:
-    """Yield global batches (numpy dicts) starting at sample `cursor`, epoch after epoch.
+@dataclass
+class RankBatch:
+    rows: dict[str, np.ndarray]
+    """input_ids, labels, num_tokens (and doc_ids) of this dp rank's rows."""
+    global_tokens: int
+    """Real (non-padding) tokens of the whole global batch, for throughput and MFU."""
+    epoch: int
 
-    epoch_batches(global_batch) must iterate one epoch in the fixed order, in whole batches
-    of global_batch rows (e.g. a Ray DataIterator's iter_batches with drop_last=True)."""
-    per_epoch = samples_per_epoch(num_samples, global_batch)
-    if per_epoch == 0:
-        raise ValueError(
-            f"train.global_batch_size: {global_batch} is larger than the dataset "
-            f"({num_samples} packed sequences); lower it or add data"
-        )
+
+def rank_batch(store: TokenStore, order: SampleOrder, cursor: int, dp_rank: int, dp_size: int,
+               with_ids: bool = False) -> RankBatch:
+    """The global batch at `cursor`: this dp rank's contiguous share of its rows."""
+    per_rank = order.global_batch // dp_size
+    positions = order.positions(cursor)
+    epoch, _ = order.epoch_and_offset(cursor)
+    mine = store.read(positions[dp_rank * per_rank:(dp_rank + 1) * per_rank], with_ids=with_ids)
+    return RankBatch(mine, store.tokens_of(positions), epoch)
+
+
+def iter_rank_batches(store: TokenStore, order: SampleOrder, cursor: int, dp_rank: int, dp_size: int,
+                      with_ids: bool = False) -> Iterator[RankBatch]:
+    """rank_batch at cursor, cursor + global_batch, ... (epoch after epoch, without end)."""
     while True:
-        skip = (cursor % per_epoch) // global_batch
-        for i, batch in enumerate(epoch_batches(global_batch)):
-            if i < skip:
-                continue
-            yield batch
-            cursor += global_batch
-
-
-def rank_slice(batch: dict, dp_rank: int, dp_size: int) -> dict:
-    """This data-parallel rank's contiguous share of a global batch."""
-    n = len(next(iter(batch.values())))
-    per_rank = n // dp_size
-    lo, hi = dp_rank * per_rank, (dp_rank + 1) * per_rank
-    return {k: np.asarray(v[lo:hi]) for k, v in batch.items()}
-
-
-def ray_epoch_batches(data_iterator) -> Callable[[int], Iterable[dict]]:
-    """epoch_batches for a Ray DataIterator (one full, ordered pass per call)."""
-
-    def epoch(global_batch: int) -> Iterable[dict]:
-        return data_iterator.iter_batches(batch_size=global_batch, batch_format="numpy", drop_last=True)
-
-    return epoch
+        yield rank_batch(store, order, cursor, dp_rank, dp_size, with_ids)
+        cursor += order.global_batch

@@ -1,145 +1,181 @@
-"""Ray Data pipeline: read (JSONL, Parquet or an HF dataset) → tokenize and pack in
-`map_batches` with a fast tokenizer → materialize once, in a fixed order.
+"""The data pipeline on the Ray cluster: the corpus → a persistent packed token store, built by
+Ray Data in the background while training runs (docs/data.md).
 
-The packed dataset is materialized before training starts, so its order is fixed (the
-global sample cursor indexes into it) and no data task competes with the training workers
-for CPUs while they run."""
+The driver lists the corpus's chunks (file sizes and Parquet footers only), opens the store
+keyed by content + tokenizer + seq_len under `data.store_dir` (default
+`{run.storage_path}/token_store`), and starts a Ray Data job that tokenizes every chunk not
+built yet, in epoch 0's order. Only chunk metadata flows through the object store; each task
+holds one tokenize batch of documents. Training starts as soon as the first global batch's
+chunks exist, and workers read their own rows straight from the store's files."""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
+from pathlib import Path
+from typing import Optional
 
 from raytune_llama.config import DataConfig
 from raytune_llama.config_checks import resolve_format
+from raytune_llama.engine.data.order import SampleOrder, chunk_order
+from raytune_llama.engine.data.sources import SourceError, list_chunks
+from raytune_llama.engine.data.store import (
+    STORE_VERSION,
+    StoreBuildError,
+    TokenStore,
+    build_chunk,
+    chunk_dir,
+    create_store,
+    record_build_error,
+    tokenizer_digest,
+    write_counts,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What the pipeline produced."""
+    """What the store holds (so far: the build may still be running)."""
 
-    num_samples: int
+    store_path: str
     seq_len: int
+    chunks: int
+    chunks_built: int
+    num_samples: Optional[int]
+    """Packed sequences in the whole store; None until every chunk is built."""
     docs_skipped: int = 0
-    """Source rows that were not usable text (empty, missing, not a string)."""
+    """Source rows that were not usable text (empty, missing, not a string, not JSON), in the built chunks."""
     has_doc_ids: bool = False
-    """Rows carry the ids of the documents starting in them (data.id_column)."""
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(path: str, eos_token_id: int, pad_token_id: int):
-    from pathlib import Path
-
-    from raytune_llama.engine.tokenizer_build import BackendTokenizer, load_tokenizer
-
-    if (Path(path) / "tokenizer.json").is_file():
-        return BackendTokenizer(Path(path) / "tokenizer.json", eos_token_id, pad_token_id)
-    return load_tokenizer(path)  # slow (Python) tokenizers only exist through transformers
+def store_root(data: DataConfig, storage_path: str) -> Path:
+    return Path(data.store_dir) if data.store_dir else Path(storage_path) / "token_store"
 
 
-def tokenize_pack_batch(batch, *, tokenizer_path: str, eos_token_id: int, pad_token_id: int,
-                        text_column: str, seq_len: int, id_column: str | None = None):
-    """map_batches function: one batch of documents (an Arrow table) → packed rows (numpy
-    dict). The text column is read as raw bytes, so invalid UTF-8 is decoded with
-    replacement characters instead of failing the conversion to Python strings."""
-    import logging
-
-    import pyarrow as pa
-
-    from raytune_llama.engine.packing import tokenize_and_pack
-
-    tokenizer = _tokenizer(tokenizer_path, eos_token_id, pad_token_id)
-    texts = batch.column(text_column)
-    if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):
-        texts = texts.cast(pa.binary() if pa.types.is_string(texts.type) else pa.large_binary())
-    ids = batch.column(id_column).to_pylist() if id_column else None
-    packed, skipped = tokenize_and_pack(tokenizer, texts.to_pylist(), seq_len, doc_ids=ids)
-    if skipped and not len(packed["num_tokens"]):
-        # No row to carry the count on: say so here (the total in the run summary misses these).
-        logging.getLogger(__name__).warning("a batch of %d rows had no usable text; all skipped", skipped)
-    return packed
-
-
-def read_source(cfg: DataConfig):
-    """The raw documents as a Ray Dataset, keeping only the text column."""
-    import ray.data
-
-    fmt = resolve_format(cfg.path, cfg.format)
-    if fmt == "jsonl":
-        # pyarrow's JSON reader (the default) parses newline-delimited JSON natively and is far
-        # faster than the pandas reader that lines=True selects.
-        ds = ray.data.read_json(cfg.path)
-    elif fmt == "parquet":
-        ds = ray.data.read_parquet(cfg.path)
-    elif fmt == "hf":
-        ds = _from_hf(cfg)
-    else:
-        raise ValueError(f"data.format: cannot read {cfg.path!r} as {fmt!r}; set data.format to jsonl, parquet or hf")
-    return ds.select_columns([cfg.text_column] + ([cfg.id_column] if cfg.id_column else []))
-
-
-def _from_hf(cfg: DataConfig):
-    """An HF `datasets` dataset (hub name or local folder) as a Ray Dataset."""
-    import datasets
-    import ray.data
-
-    hf = datasets.load_dataset(cfg.path, split=cfg.hf_split)
-    columns = hf.column_names or []
-    if columns and cfg.text_column not in columns:
-        raise ValueError(
-            f"data.text_column: column {cfg.text_column!r} is not in the HF dataset {cfg.path!r} "
-            f"(columns: {sorted(columns)}); set data.text_column to one of them"
-        )
-    if isinstance(hf, datasets.Dataset):
-        # The same Arrow conversion ray.data.from_huggingface falls back to for a local
-        # dataset, minus its Hub probe, which reloads the data by builder name ("json",
-        # "parquet") from the current directory and can take minutes offline.
-        table = hf.select_columns([c for c in (cfg.text_column, cfg.id_column) if c]).with_format("arrow")[:]
-        blocks = max(1, min(64, table.num_rows // max(cfg.tokenize_batch_size, 1)))
-        return ray.data.from_arrow(table, override_num_blocks=blocks)
-    return ray.data.from_huggingface(hf)  # streaming IterableDataset
-
-
-def build_packed_dataset(cfg: DataConfig, tokenizer_path: str):
-    """Read, tokenize and pack; returns (materialized dataset, DatasetInfo)."""
-    import ray.data
-
+def open_token_store(cfg: DataConfig, tokenizer_path: str, root: str | Path) -> TokenStore:
+    """List the corpus's chunks and open (or create) the store for this content, tokenizer and
+    seq_len. Errors (a missing column, an unreadable Parquet footer, no data) name the field."""
     from raytune_llama.engine.tokenizer_build import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)  # once, on the driver: the special-token ids
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the global cursor indexes this order
-    ctx.enable_progress_bars = False  # the driver prints its own progress line
-    # Each tokenize batch packs its own documents, so the rows depend on where batches start.
-    # Blocks of exactly tokenize_batch_size documents (in order; streaming, no shuffle) make
-    # every batch start at a multiple of it: the packed order then depends on the documents
-    # alone, not on how Ray split the read (which follows the CPUs it sees: the same corpus
-    # once packed into 8,904 rows on a 2-CPU and 8,905 on a 5-CPU cluster) or on the format.
-    # The global cursor indexes this order, so a run resumed on a cluster of another shape
-    # gets exactly the same rows.
-    source = read_source(cfg).repartition(target_num_rows_per_block=cfg.tokenize_batch_size, strict=True)
-    ds = source.map_batches(
-        tokenize_pack_batch,
-        fn_kwargs={"tokenizer_path": tokenizer_path, "eos_token_id": tok.eos_token_id,
-                   "pad_token_id": tok.pad_token_id, "text_column": cfg.text_column, "seq_len": cfg.seq_len,
-                   "id_column": cfg.id_column},
-        batch_size=cfg.tokenize_batch_size,
-        batch_format="pyarrow",
-    )
+    fmt = resolve_format(cfg.path, cfg.format)
+    chunks, content = list_chunks(cfg.path, fmt, max(1, int(cfg.chunk_mb * 2**20)), split=cfg.hf_split,
+                                  streaming=cfg.hf_streaming,
+                                  columns=(("text_column", cfg.text_column), ("id_column", cfg.id_column)))
+    if not chunks:
+        raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset)")
+    spec = {"version": STORE_VERSION, "format": fmt, "content": content, "tokenizer": tokenizer_digest(tokenizer_path),
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "seq_len": cfg.seq_len,
+            "text_column": cfg.text_column, "id_column": cfg.id_column, "chunk_mb": cfg.chunk_mb,
+            "tokenize_batch_size": cfg.tokenize_batch_size}
+    return TokenStore(create_store(root, spec, chunks))
+
+
+def _build_task(row: dict, *, store: str, tokenizer_path: str) -> dict:
+    """Ray Data map function: build one chunk, return its meta (a few numbers). A source that
+    cannot be read is recorded in the store here, in its own words (Ray wraps the exception)."""
     try:
-        ds = ds.materialize()
-    except Exception as exc:  # a bad file fails inside a Ray Data task: name it on the driver
-        cause = getattr(exc, "cause", None) or exc
-        raise ValueError(
-            f"data.path: could not read and tokenize {cfg.path!r} as {resolve_format(cfg.path, cfg.format)} "
-            f"({type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}); every row needs a text "
-            f"string in column {cfg.text_column!r} (rows with an empty or missing one are skipped and counted)"
-        ) from exc
-    num_samples = ds.count()
-    if num_samples == 0:
-        raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset, or no "
-                         f"row with text in column {cfg.text_column!r})")
-    # Token totals are counted by the workers as they train: an aggregate over the whole
-    # dataset here would cost a second pass before the first step. The skipped-row count is
-    # one small column of the materialized blocks.
-    skipped = int(ds.sum("docs_skipped") or 0)
-    return ds, DatasetInfo(num_samples, cfg.seq_len, skipped, bool(cfg.id_column))
+        return build_chunk(store, row["index"], tokenizer_path)
+    except SourceError as exc:
+        record_build_error(store, str(exc))
+        raise
+
+
+class StoreBuilder:
+    """Tokenizes the store's missing chunks with Ray Data on a background thread of the driver,
+    in epoch 0's order; writes counts.json when the last one is done, build_error.json (which
+    the waiting workers raise) if a chunk cannot be read."""
+
+    def __init__(self, store: TokenStore, tokenizer_path: str, seed: int, shuffle: bool, cpus_free: float):
+        """cpus_free: the cluster's CPUs beyond what the training workers reserve. Build tasks
+        take one CPU each, at most that many at a time, so the workers always fit; with none
+        free, one task at a time reserves no CPU (sharing the workers' cores) instead of
+        waiting forever for a CPU the workers hold."""
+        self.store, self.tokenizer_path = store, tokenizer_path
+        self.task_cpus, self.concurrency = (1, int(cpus_free)) if cpus_free >= 1 else (0, 1)
+        order = chunk_order(store.num_chunks, seed, 0, shuffle)
+        self.pending = [int(i) for i in order if not (chunk_dir(store.path, int(i)) / "meta.json").is_file()]
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="token-store-build", daemon=True)
+
+    def start(self) -> "StoreBuilder":
+        if self.store.counts() is None:
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import ray.data
+
+        # Ray Data's usage collector queries a Prometheus server at localhost:9090 after each
+        # execution and logs a traceback per metric when there is none (the usual case).
+        os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+        try:
+            if self.pending:
+                ctx = ray.data.DataContext.get_current()
+                ctx.enable_progress_bars = False  # the driver prints its own progress line
+                ds = ray.data.from_items([{"index": i} for i in self.pending], override_num_blocks=len(self.pending))
+                ds = ds.map(_build_task, fn_kwargs={"store": str(self.store.path),
+                                                    "tokenizer_path": self.tokenizer_path},
+                            num_cpus=self.task_cpus, compute=ray.data.TaskPoolStrategy(size=self.concurrency))
+                for _ in ds.iter_rows():
+                    if self._stop.is_set():
+                        return
+            write_counts(self.store.path, [self.store.meta(i) for i in range(self.store.num_chunks)])
+        except Exception as exc:  # a bad file fails inside a Ray Data task: name it for everyone
+            if self._stop.is_set():
+                return
+            recorded = self.store.path / "build_error.json"
+            self.error = json.loads(recorded.read_text())["error"] if recorded.is_file() else _root_message(exc)
+            if not recorded.is_file():
+                record_build_error(self.store.path, self.error)
+            log.error("token store build failed: %s", self.error)
+
+    def stop(self) -> None:
+        """Stop launching chunks (those written stay for the next run)."""
+        self._stop.set()
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
+def _root_message(exc: BaseException) -> str:
+    """The message of the source error behind a failed build (Ray wraps a task's exception in
+    several layers and appends retry hints): the first line naming a data.* field, else the
+    innermost error's first line."""
+    chain, seen = [], exc
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    for e in chain:  # the message itself is args[0]; str() of a task error adds the traceback
+        message = e.args[0] if e.args and isinstance(e.args[0], str) else ""
+        if message.startswith("data."):
+            return message[:600]
+    text = str(chain[-1]).strip().splitlines()
+    return (text[0] if text else type(chain[-1]).__name__)[:600]
+
+
+def wait_for_first_batch(store: TokenStore, data: DataConfig, global_batch: int) -> None:
+    """Block until the first global batch's chunks are built (raises the build's error, or
+    ValueError when the whole corpus is smaller than one global batch)."""
+    try:
+        SampleOrder.for_data(store, data, global_batch).epoch_and_offset(0)
+    except StoreBuildError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def dataset_info(store: TokenStore, cfg: DataConfig) -> DatasetInfo:
+    """Totals over the chunks built so far (all of them once counts.json exists)."""
+    counts = store.counts()
+    if counts is not None:
+        built, rows, skipped = store.num_chunks, counts["total_rows"], counts["docs_skipped"]
+    else:
+        metas = [chunk_dir(store.path, i) / "meta.json" for i in range(store.num_chunks)]
+        done = [store.meta(i) for i, m in enumerate(metas) if m.is_file()]
+        built, rows, skipped = len(done), None, sum(m["docs_skipped"] for m in done)
+    return DatasetInfo(str(store.path), store.seq_len, store.num_chunks, built, rows, skipped,
+                       cfg.id_column is not None)

@@ -54,13 +54,18 @@ class LlamaTrainer:
     def _run(self, train_fn, user_args: dict | None) -> dict:
         import ray
         from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train import DataConfig as RayDataConfig
         from ray.train.torch import TorchConfig, TorchTrainer
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         from raytune_llama.engine.hf_cache import resolve_pretrained
         from raytune_llama.engine.model_io import ensure_model
-        from raytune_llama.trainer.data_pipeline import build_packed_dataset
+        from raytune_llama.trainer.data_pipeline import (
+            StoreBuilder,
+            dataset_info,
+            open_token_store,
+            store_root,
+            wait_for_first_batch,
+        )
         from raytune_llama.trainer.planning import elastic_world_sizes, make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
         from raytune_llama.trainer.user_loop import user_loop_env
@@ -69,6 +74,7 @@ class LlamaTrainer:
         self._check_resume_policy()
         started = time.time()
         p = cfg.parallel
+        builder = None
         own_cluster = cluster.connect(
             cfg.run.address, cluster.local_num_cpus(p.num_workers, p.cpus_per_worker, cfg.run.local_num_cpus)
         )
@@ -92,39 +98,39 @@ class LlamaTrainer:
                 print(f"[raytune_llama] elastic: {p.min_workers}..{p.num_workers} workers; the global batch "
                       f"of {cfg.train.global_batch_size} is kept at sizes {sorted(sizes)}", flush=True)
                 workers = (p.min_workers, p.num_workers)
-            try:
-                dataset, info = build_packed_dataset(cfg.data, tokenizer_path)
-            except ValueError as exc:  # e.g. an empty dataset, or a column that is not there
+            d = cfg.data
+            try:  # the corpus's chunks and its token store (tokenized once per content + tokenizer + seq_len)
+                store = open_token_store(d, tokenizer_path, store_root(d, cfg.run.storage_path))
+                reserved = p.num_workers * p.cpus_per_worker  # what the training workers take at most
+                builder = StoreBuilder(store, tokenizer_path, d.shuffle_seed, d.shuffle,
+                                       cpus_free=ray.cluster_resources().get("CPU", 0) - reserved).start()
+                wait_for_first_batch(store, d, cfg.train.global_batch_size)
+            except ValueError as exc:  # an empty dataset, a column that is not there, an unreadable file
                 raise ConfigError([str(exc)]) from exc
-            if info.num_samples < cfg.train.global_batch_size:
-                raise ConfigError([
-                    f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the "
-                    f"dataset ({info.num_samples} packed sequences of {info.seq_len} tokens); "
-                    f"lower it, shorten data.seq_len, or add data"
-                ])
-            print(f"[raytune_llama] data: {info.num_samples:,} packed sequences of {info.seq_len} "
-                  f"tokens from {cfg.data.path}"
+            info = dataset_info(store, d)
+            print(f"[raytune_llama] data: {_describe_data(info, len(builder.pending))} from {d.path}"
                   + (f"; skipped {info.docs_skipped:,} rows without usable text (empty, missing or not a "
-                     f"string in column {cfg.data.text_column!r})" if info.docs_skipped else ""), flush=True)
+                     f"string in column {d.text_column!r})" if info.docs_skipped else ""), flush=True)
             board_name = f"raytune_llama_progress_{cfg.run.name}_{int(started * 1000)}"
             # On the driver's node (the head, for Ray client and job drivers), as Ray Train places
             # its controller: a board on a worker node would die with that node, and with it
             # every step record the run summary is built from.
             board = ProgressBoard.options(name=board_name, scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False)).remote()
-            printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(recs, info, started, perf)).start()
+            printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(
+                recs, dataset_info(store, d), started, perf)).start()
             env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
             env.update(chaos.forwarded_env())  # fault injection (RAYTUNE_LLAMA_STALL) set on the driver
             if user_args is None:
                 loop_config = {
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
-                    "export_path": str(cfg.export_path), "num_samples": info.num_samples,
+                    "export_path": str(cfg.export_path), "token_store": info.store_path,
                     "progress_board": board, "performance": perf, "plan": run_plan.plan.to_dict(),
                     "cluster": run_plan.cluster.to_dict(),  # what the plan assumed; the workers check it
                 }
             else:
                 loop_config = {**user_args, "model_path": model_path, "tokenizer_path": tokenizer_path}
-                env.update(user_loop_env(run_plan.plan, board_name, info.num_samples, cfg))
+                env.update(user_loop_env(run_plan.plan, board_name, info.store_path, cfg))
             trainer = TorchTrainer(
                 train_fn,
                 train_loop_config=loop_config,
@@ -142,18 +148,17 @@ class LlamaTrainer:
                     logging_config=LoggingConfig(log_level="WARNING"),
                     worker_runtime_env={"env_vars": env} if env else None,
                 ),
-                datasets={"train": dataset},
-                # Unsplit: every worker walks the same global order and takes its slice.
-                dataset_config=RayDataConfig(datasets_to_split=[]),
             )
             try:
                 result = trainer.fit()
             finally:
                 records = printer.stop()
                 ray.kill(board)
-            summary = self._summary(records, result, info, time.time() - started)
+            summary = self._summary(records, result, dataset_info(store, d), time.time() - started)
             summary["layout"] = _layout_run(summary, perf)
         finally:
+            if builder is not None:
+                builder.stop()  # chunks not built yet are built by the next run that needs them
             if own_cluster:
                 ray.shutdown()
         write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, step_records(records)))
@@ -187,8 +192,10 @@ class LlamaTrainer:
             "tokens_seen": last.get("tokens_seen"),
             "world_size": last.get("world_size"),
             "wall_time_s": wall_s,
-            "dataset_sequences": info.num_samples,
+            "dataset_sequences": info.num_samples,  # None while the store is still being built
             "docs_skipped": info.docs_skipped,
+            "token_store": info.store_path,
+            "data_chunks": [info.chunks_built, info.chunks],
             # data.id_column: the document ids of the committed steps, in training order
             "data_audit": audit(all_records),
             "checkpoint": checkpoint.path if checkpoint is not None else None,
@@ -209,6 +216,14 @@ class LlamaTrainer:
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
         }
+
+
+def _describe_data(info, building: int) -> str:
+    if info.num_samples is not None:
+        return (f"{info.num_samples:,} packed sequences of {info.seq_len} tokens in {info.chunks} chunk(s) "
+                f"(token store {info.store_path}" + (", tokenized now)" if building else ", tokenized before)"))
+    return (f"token store {info.store_path}: {info.chunks_built} of {info.chunks} chunks tokenized, the rest "
+            f"are tokenized in the background while training runs")
 
 
 def _layout_run(summary: dict, perf: dict) -> str:

@@ -22,16 +22,20 @@ def absolutize(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, name_or_path=_abs(cfg.model.name_or_path), tokenizer=_abs(cfg.model.tokenizer)),
-        data=dataclasses.replace(cfg.data, path=_abs(cfg.data.path) if cfg.data.format != "hf" else cfg.data.path),
+        data=dataclasses.replace(cfg.data, path=_abs(cfg.data.path) if cfg.data.format != "hf" else cfg.data.path,
+                                 store_dir=_abs(cfg.data.store_dir)),
         run=dataclasses.replace(cfg.run, storage_path=_abs(cfg.run.storage_path), export_dir=_abs(cfg.run.export_dir)),
     )
 
 
 def existing_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint directories Ray Train has persisted for this run (oldest first)."""
+    """Checkpoint directories persisted for this run (oldest first), leaving out folders whose
+    in-place write a crash interrupted (never a checkpoint; trainer/checkpoint_report.py)."""
+    from raytune_llama.engine.checkpoint_io import unfinished_write
+
     if not run_dir.is_dir():
         return []
-    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir() and not unfinished_write(p))
 
 
 def merge_step_history(run_dir: Path, records: list[dict]) -> list[dict]:

@@ -38,6 +38,8 @@ def make_step_watchdog(cfg: Config, rank: int, board=None) -> StepWatchdog:
 
 def follows_checkpoint(cfg: Config, steps_done: int) -> bool:
     """Whether step `steps_done` saved a checkpoint: in the step after it, other ranks'
-    collectives also wait for rank 0's checkpoint upload, so that step keeps the long bound."""
+    collectives may wait for a rank still uploading its files (URI storage_path) and a
+    background save (checkpoint.async_save) shares the CPUs and storage, so that step keeps the
+    long bound."""
     every = cfg.checkpoint.every_steps
     return bool(every) and steps_done > 0 and steps_done % every == 0

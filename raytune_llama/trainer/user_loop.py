@@ -14,38 +14,51 @@ from typing import Iterator, Optional
 
 import torch
 
+from raytune_llama.engine.data.order import SampleOrder
+from raytune_llama.engine.data.store import TokenStore
 from raytune_llama.engine.one_line import PLAN_ENV, active_engine
-from raytune_llama.trainer.batches import rank_slice, ray_epoch_batches, samples_per_epoch
+from raytune_llama.trainer.batches import rank_batch
 
 BOARD_ENV = "RAYTUNE_LLAMA_PROGRESS_ACTOR"
 DATA_ENV = "RAYTUNE_LLAMA_DATA"
 
 
-def user_loop_env(plan, board_name: str, num_samples: int, cfg) -> dict[str, str]:
+def user_loop_env(plan, board_name: str, token_store: str, cfg) -> dict[str, str]:
     """Worker environment that tells the one-line API the plan, the data and the progress actor."""
     return {
         PLAN_ENV: json.dumps(plan.to_dict()),
         BOARD_ENV: board_name,
-        DATA_ENV: json.dumps({"num_samples": num_samples, "global_batch": cfg.train.global_batch_size,
-                              "max_steps": cfg.train.max_steps}),
+        DATA_ENV: json.dumps({"token_store": token_store, "global_batch": cfg.train.global_batch_size,
+                              "seed": cfg.data.shuffle_seed, "shuffle": cfg.data.shuffle,
+                              "window": cfg.data.shuffle_window,
+                              "with_ids": cfg.data.id_column is not None, "max_steps": cfg.train.max_steps}),
     }
 
 
 class RankBatches:
-    """Iterable over this dp rank's rows of each global batch, one epoch per iteration, in the
-    fixed global order (the same order at every world size)."""
+    """Iterable over this dp rank's rows of each global batch, one epoch per iteration (the
+    first `for` is epoch 0, the next epoch 1, each in its own seeded order), the same order at
+    every world size."""
 
     def __init__(self, name: str = "train"):
-        import ray.train
-
-        self._epoch_batches = ray_epoch_batches(ray.train.get_dataset_shard(name))
+        if name != "train":
+            raise ValueError(f"get_dataset_shard: only the run's 'train' data exists, not {name!r}")
         data = json.loads(os.environ.get(DATA_ENV, "{}"))
-        self.num_samples = data.get("num_samples")
-        self.global_batch = data.get("global_batch")
+        if "token_store" not in data:
+            raise RuntimeError("get_dataset_shard works inside a run started by raytune_llama "
+                               "(LlamaTrainer.launch or `raytune-llama finetune`), which builds the token store")
+        self.store = TokenStore(data["token_store"])
+        self.global_batch = data["global_batch"]
+        self.order = SampleOrder(self.store, self.global_batch, data["seed"], data["shuffle"], data["window"])
+        self.with_ids = data.get("with_ids", False)
+        self.cursor = _resumed.pop("cursor", 0)  # the next sample (resume() may have set it)
         self.last_batch_tokens = 0
 
     def __len__(self) -> int:
-        return samples_per_epoch(self.num_samples, self.global_batch) // self.global_batch
+        """Global batches per epoch (waits until the whole corpus is tokenized)."""
+        while self.order.samples_per_epoch() is None:
+            time.sleep(0.5)
+        return self.order.samples_per_epoch() // self.global_batch
 
     def __iter__(self) -> Iterator[dict]:
         engine = active_engine()
@@ -54,14 +67,25 @@ class RankBatches:
                                "enable_advanced_parallelization()) before iterating the dataset shard")
         if _last_step["time"] is None:
             _last_step["time"] = time.perf_counter()  # the first step's time starts here
-        for batch in self._epoch_batches(self.global_batch):
-            self.last_batch_tokens = int(batch["num_tokens"].sum())
-            mine = rank_slice(batch, engine.dp_rank, engine.dp_size)
-            yield {k: torch.from_numpy(mine[k]).long() for k in ("input_ids", "labels")}
+        epoch, _ = self.order.epoch_and_offset(self.cursor)
+        while self.order.epoch_and_offset(self.cursor)[0] == epoch:
+            batch = rank_batch(self.store, self.order, self.cursor, engine.dp_rank, engine.dp_size, self.with_ids)
+            self.cursor += self.global_batch
+            self.last_batch_tokens = batch.global_tokens
+            yield {k: torch.from_numpy(batch.rows[k]).long() for k in ("input_ids", "labels")}
 
 
 _shards: dict[str, RankBatches] = {}
 _last_step: dict = {"time": None, "step": 0}
+_resumed: dict = {}
+
+
+def restore_data_position(cursor: int) -> None:
+    """Continue get_dataset_shard("train") at sample `cursor` (raytune_llama.resume)."""
+    if "train" in _shards:
+        _shards["train"].cursor = cursor
+    else:
+        _resumed["cursor"] = cursor
 
 
 def get_dataset_shard(name: str = "train") -> RankBatches:

@@ -2,27 +2,15 @@
 from the latest checkpoint, step through global batches, report, checkpoint, export."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import ray.train
 import torch
 import transformers
 
 from raytune_llama.config import config_from_dict
-from raytune_llama.engine.checkpoint import CheckpointError
-from raytune_llama.engine.checkpoint_io import (
-    begin_async_save,
-    choose_checkpoint,
-    finish_async_save,
-    load_engine_checkpoint,
-    resolve_format,
-    save_engine_checkpoint,
-)
+from raytune_llama.engine.checkpoint_io import resolve_format
 from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
 from raytune_llama.engine.lr_schedule import lr_at
 from raytune_llama.engine.export import export_model_streaming
@@ -30,8 +18,11 @@ from raytune_llama.engine.model_io import build_engine
 from raytune_llama.engine.ranks import broadcast_from_rank0
 from raytune_llama.engine.tokenizer_build import load_tokenizer
 from raytune_llama.trainer.metrics_export import TrainingMetrics
+from raytune_llama.engine.data.order import SampleOrder
+from raytune_llama.engine.data.store import TokenStore
+from raytune_llama.trainer import checkpoint_report
+from raytune_llama.trainer.batches import iter_rank_batches
 from raytune_llama.trainer.planning import compute_dtype, plan_on_workers, record_placement
-from raytune_llama.trainer.batches import iter_global_batches, rank_slice, ray_epoch_batches
 from raytune_llama.trainer.chaos import stall_if_injected
 from raytune_llama.trainer.data_audit import data_record
 from raytune_llama.trainer.step_guard import follows_checkpoint, make_step_watchdog
@@ -45,74 +36,26 @@ def _mixed_precision(mode: str, device: torch.device):
     return "bf16" if compute_dtype(mode, device.type != "cpu") == "bf16" else None
 
 
-def _restore(engine, run_dir: Path) -> dict:
-    """Load the newest valid checkpoint of this run into the engine, whatever layout, world
-    size or backend saved it; returns its meta (or a fresh one). Candidates, newest first: every
-    checkpoint_* folder of the run, including one written after the last checkpoint Ray Train
-    registered (Ray commits a reported checkpoint asynchronously: a failure in between would
-    otherwise cost one more checkpoint interval). A corrupt or half-written checkpoint is
-    skipped with a warning; every rank verifies its share of the files, every rank loads the same one."""
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as directory:
-        registered = Path(directory) if directory else None
-        folder = registered.parent if registered is not None else Path(run_dir)
-        candidates = sorted((p for p in folder.glob("checkpoint_*") if p.is_dir()), key=lambda p: p.name,
-                            reverse=True)
-        if registered is not None and registered not in candidates:
-            candidates.insert(0, registered)
-        chosen, refused = choose_checkpoint(candidates)
-        for reason in refused:
-            log.warning("skipping checkpoint: %s", reason)
-        if chosen is None and refused:
-            raise CheckpointError(f"no valid checkpoint among {[str(p) for p in candidates]}: {refused}")
-        if chosen is None:
-            return {"step": 0, "cursor": 0, "tokens_seen": 0}
-        if registered is None or chosen.name > registered.name:
-            log.warning("resuming from %s, which Ray Train had not registered yet (last registered: %s)",
-                        chosen, registered)
-        return _note_world_size(load_engine_checkpoint(engine, chosen), engine)
-
-
-def _note_world_size(meta: dict, engine) -> dict:
-    if meta.get("world_size") not in (None, ctx_world_size()):
-        log.warning("resuming a checkpoint saved at world size %s on %s workers (layout %s)",
-                    meta.get("world_size"), ctx_world_size(), engine.plan.describe())
-    return meta
-
-
-def ctx_world_size() -> int:
-    """World size of this worker group."""
-    return ray.train.get_context().get_world_size()
-
-
 def _report(metrics: dict, with_checkpoint: bool, engine, meta: dict, fmt: str) -> None:
-    """ray.train.report on every rank, with the checkpoint when one is due. format full: rank
-    0 attaches the gathered checkpoint; format sharded: every rank attaches its own shards +
-    rank manifest (Ray Train copies each rank's directory into the same checkpoint_* folder)."""
+    """ray.train.report on every rank, with the checkpoint when one is due: written straight
+    into its checkpoint_* folder on a filesystem run.storage_path and registered there without
+    a copy, or staged locally and uploaded for a URI (trainer/checkpoint_report.py)."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
-    tmp = tempfile.mkdtemp(prefix="raytune_llama_ckpt_")
-    try:
-        wrote = save_engine_checkpoint(engine, tmp, meta, fmt)  # collective: every rank joins
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if wrote else None)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    checkpoint_report.save_and_report(metrics, engine, meta, fmt)  # collective: every rank joins
 
 
 def _begin_async_report(engine, meta: dict, metrics: dict) -> tuple:
-    """checkpoint.async_save: stage this step's shards and write them in the background; the
-    checkpoint is reported once written (_finish_async_report, after the next step)."""
-    return begin_async_save(engine, tempfile.mkdtemp(prefix="raytune_llama_ckpt_"), meta), metrics
+    """checkpoint.async_save: stage this step's shards in host memory and write them in the
+    background (into the final folder where storage allows); the checkpoint is reported once
+    written (_finish_async_report, after the next step)."""
+    return checkpoint_report.begin_async(engine, meta, metrics)
 
 
-def _finish_async_report(pending, metrics: dict) -> None:
+def _finish_async_report(pending, metrics: dict, staged: bool) -> None:
     """Collective: wait for the background write, write the manifests, report to Ray Train."""
-    try:
-        directory = finish_async_save(pending)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-    finally:
-        shutil.rmtree(pending.directory, ignore_errors=True)
+    checkpoint_report.finish_async(pending, metrics, staged)
 
 
 def _quiet_worker_logs() -> None:
@@ -147,7 +90,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         master_weights=cfg.parallel.master_weights,
     )
     record_placement(cfg.run_dir, placement, plan, engine)  # RUN_DIR/placement.json: node and tp group per rank
-    meta = _restore(engine, cfg.run_dir)
+    meta = checkpoint_report.restore_latest(engine, cfg.run_dir)
     step, cursor, tokens_seen = meta["step"], meta["cursor"], meta["tokens_seen"]
     ck = cfg.checkpoint
     stop_at = min(t.max_steps, step + t.stop_after_steps) if t.stop_after_steps else t.max_steps
@@ -159,17 +102,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0 and board is not None:
         board.push.remote({"event": "start", "step": step, "world_size": world, "layout": plan.describe(),
                            "time": attempt})
-    batches = iter_global_batches(
-        ray_epoch_batches(ray.train.get_dataset_shard("train")), num_samples=loop_config["num_samples"],
-        global_batch=t.global_batch_size, cursor=cursor,
-    )
-    in_flight = None  # (PendingSave, metrics) of a checkpoint written in the background
+    # This dp rank's rows of each global batch, read from the token store; the order is the
+    # same at every world size, so a resumed or resized run continues at the exact sample.
+    store = TokenStore(loop_config["token_store"])
+    order = SampleOrder.for_data(store, cfg.data, t.global_batch_size)
+    batches = iter_rank_batches(store, order, cursor, engine.dp_rank, engine.dp_size,
+                                with_ids=cfg.data.id_column is not None)
+    in_flight = None  # (PendingSave, metrics, staged) of a checkpoint written in the background
     watchdog = make_step_watchdog(cfg, rank, board)  # a stalled step ends this worker, naming rank and step
     while step < stop_at:
         batch = next(batches)
         lr = lr_at(step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
         engine.set_lr(lr)
-        mine = rank_slice(batch, engine.dp_rank, engine.dp_size)
+        mine = batch.rows
         start = time.perf_counter()
         with watchdog.step(step + 1, relaxed=follows_checkpoint(cfg, step)):
             stall_if_injected(rank, step + 1, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL)
@@ -178,12 +123,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 torch.cuda.synchronize(device)
         step_time = time.perf_counter() - start
         step, cursor = step + 1, cursor + t.global_batch_size
-        batch_tokens = int(batch["num_tokens"].sum())  # non-padding tokens of the global batch
+        batch_tokens = batch.global_tokens  # non-padding tokens of the global batch
         tokens_seen += batch_tokens
         metrics = {
             "step": step, "loss": out["loss"], "lr": lr, "grad_norm": out["grad_norm"],
             "step_time_s": step_time, "tokens_per_s": batch_tokens / step_time,
-            "tokens_seen": tokens_seen, "samples_seen": cursor, "world_size": world,
+            "tokens_seen": tokens_seen, "samples_seen": cursor, "epoch": batch.epoch, "world_size": world,
             "max_steps": t.max_steps,
             "mfu": mfu(batch_tokens / step_time, flops_per_token, peak, world),
             "predicted_step_time_s": perf.get("predicted_step_time_s"),

@@ -2,18 +2,16 @@
 worker is restarted from
 the latest checkpoint and the run finishes with exactly the losses of an uninterrupted run
 (lost workers, exact resume); with 0, 1 and 3 injected failures every document id of the corpus is trained on
-exactly once, in order (exactly-once data, audited through the real Ray Data pipeline); a checkpoint saved
+exactly once, in the run's seeded (shuffled) order (exactly-once data, audited through the token store); a checkpoint saved
 by one layout and world size resumes in another (resume in any layout); a corrupt newest checkpoint is skipped
 for the previous good one (verified checkpoints)."""
-import json
 
 import numpy as np
 import pytest
 
 from raytune_llama.trainer.chaos import WorkerKiller
 from raytune_llama.trainer.llama_trainer import LlamaTrainer
-from tests.integration.conftest import REPO
-from tests.integration.tiny_run import tiny_run_config
+from tests.integration.tiny_run import seeded_order_ids, tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 8
@@ -24,17 +22,13 @@ def _cfg(tmp, name, *extra):
                            *extra)
 
 
-def _source_ids() -> list[str]:
-    with open(REPO / "examples" / "data" / "tiny_corpus.jsonl") as f:
-        return [str(json.loads(line)["id"]) for line in f]
-
-
 def _assert_exactly_once(summary, straight):
-    """Exactly-once data: the committed steps' document ids are the corpus's first ids, in order, each once,
-    and the same as the uninterrupted run's."""
+    """Exactly-once data: the committed steps' document ids are exactly those of the seeded
+    order's first global batches, in order, each once, and the same as the uninterrupted run's."""
     audit = summary["data_audit"]
     assert audit["duplicated"] == [] and audit["problems"] == [], audit
-    assert audit["ids"] == _source_ids()[:len(audit["ids"])]  # nothing skipped, nothing out of order
+    expected = seeded_order_ids(summary["token_store"], range(summary["final_step"]), 8)
+    assert audit["ids"] == expected  # nothing skipped, nothing out of order
     assert audit["ids"] == straight["data_audit"]["ids"] and audit["documents"] > 0
 
 

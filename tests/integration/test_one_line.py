@@ -44,19 +44,22 @@ def reference(ray_head, tmp_path_factory):
 
     from raytune_llama.config import DataConfig
     from raytune_llama.engine.model_io import ensure_model
-    from raytune_llama.trainer.data_pipeline import build_packed_dataset
+    from raytune_llama.engine.data.order import SampleOrder
+    from raytune_llama.engine.data.store import build_all
+    from raytune_llama.trainer.data_pipeline import open_token_store
 
     tmp = tmp_path_factory.mktemp("one_line")
     path = ensure_model(f"{tmp}/models/tiny-llama", "tiny-llama", 0)
-    ds, _ = build_packed_dataset(DataConfig(path=str(REPO / "examples/data/tiny_corpus.jsonl"), seq_len=SEQ), path)
-    rows = ds.take(GLOBAL_BATCH * STEPS)
+    # The run's own store and order (default shuffle, seed 0): the run finds this store built.
+    data = DataConfig(path=str(REPO / "examples/data/tiny_corpus.jsonl"), seq_len=SEQ)
+    store = build_all(open_token_store(data, path, f"{tmp}/runs/token_store").path, path)
+    order = SampleOrder.for_data(store, data, GLOBAL_BATCH)
     model = AutoModelForCausalLM.from_pretrained(path)
     optim = torch.optim.AdamW(model.parameters(), lr=0.003)
     losses = []
     for step in range(STEPS):
-        batch = rows[step * GLOBAL_BATCH:(step + 1) * GLOBAL_BATCH]
-        ids = torch.tensor(np.stack([r["input_ids"] for r in batch])).long()
-        labels = torch.tensor(np.stack([r["labels"] for r in batch])).long()
+        batch = store.read(order.positions(step * GLOBAL_BATCH))
+        ids, labels = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["labels"])
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optim.step()
@@ -75,3 +78,33 @@ def test_one_line_loop_matches_single_process(reference, family):
     print(f"{family}: layout {summary['layout']}; max rel loss diff vs single process {diff:.2e}")
     assert abs(summary["losses"][0] - ref[0]) / ref[0] < 1e-5
     np.testing.assert_allclose(summary["losses"], ref, rtol=1e-4)
+
+
+def test_own_dataloader_loop_resumes_exactly_and_exports(ray_head, tmp_path):
+    """examples/finetune_own_dataloader.py: the loop's own DataLoader (HF datasets, right
+    padding, the whole global batch on every rank), two param groups, a transformers schedule,
+    clipping, eval every 3 steps, raytune_llama.save_checkpoint / resume. Stopped after step 3
+    and launched again, it continues at step 4 with the losses of an uninterrupted run, and the
+    final save_pretrained loads in plain transformers."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    spec = importlib.util.spec_from_file_location("own_loader", REPO / "examples" / "finetune_own_dataloader.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    common = [arg for s in (f"model.name_or_path={tmp_path}/models/tiny-llama",
+                            f"data.path={REPO}/examples/data/tiny_corpus.jsonl", f"run.storage_path={tmp_path}/runs",
+                            "train.max_steps=6", "train.global_batch_size=8", "data.seq_len=64",
+                            "checkpoint.every_steps=2", "train.warmup_steps=2")
+              for arg in ("--set", s)] + ["--tiny", "--eval-every", "3"]
+    straight = example.main(common + ["--set", "run.name=straight"])
+    first = example.main(common + ["--set", "run.name=resumed", "--set", "train.stop_after_steps=3"])
+    second = example.main(common + ["--set", "run.name=resumed"])
+    assert straight["steps"] == [1, 2, 3, 4, 5, 6]
+    assert first["steps"] == [1, 2, 3] and second["steps"] == [4, 5, 6]
+    np.testing.assert_allclose(first["losses"] + second["losses"], straight["losses"], rtol=1e-5)
+    history = [json.loads(line) for line in (tmp_path / "runs" / "resumed" / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "eval_loss" in r] == [3, 6]
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "resumed" / "export")
+    assert exported.num_parameters() > 0

@@ -11,3 +11,16 @@ def tiny_run_config(tmp, name: str, steps: int, *extra: str):
         f"run.storage_path={tmp}/runs", f"run.name={name}", f"train.max_steps={steps}",
         "train.global_batch_size=8", "data.seq_len=64", "train.warmup_steps=2", *extra,
     ])
+
+
+def seeded_order_ids(store_path, steps, global_batch: int, data=None) -> list[str]:
+    """The document ids (those starting in each row) that the run's seeded order puts in the
+    global batches of `steps` (0-based), read from the run's token store."""
+    from raytune_llama.config import DataConfig
+    from raytune_llama.engine.data.order import SampleOrder
+    from raytune_llama.engine.data.store import TokenStore
+
+    store = TokenStore(store_path)
+    order = SampleOrder.for_data(store, data or DataConfig(), global_batch)
+    rows = [p for s in steps for p in order.positions(s * global_batch)]
+    return [i for cell in store.read(rows, with_ids=True)["doc_ids"] for i in cell.split(",") if i]

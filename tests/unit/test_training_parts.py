@@ -1,14 +1,11 @@
-"""LR schedule, global-batch cursor, checkpoint manifest/integrity, and the DP step's loss."""
-import json
+"""LR schedule, checkpoint manifest/integrity, and the DP step's loss."""
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from raytune_llama.engine.checkpoint import CheckpointError, load_training_state, save_training_state, verify_checkpoint
 from raytune_llama.engine.lr_schedule import lr_at
-from raytune_llama.trainer.batches import iter_global_batches, rank_slice
 
 
 def test_lr_warmup_then_cosine_to_floor():
@@ -17,34 +14,6 @@ def test_lr_warmup_then_cosine_to_floor():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
     assert lr_at(20, 1.0, 4, 20, 0.1) == pytest.approx(0.1)
     assert lr_at(100, 1.0, 4, 20, 0.1) == pytest.approx(0.1)
-
-
-def _epochs(num_samples):
-    ids = np.arange(num_samples)
-
-    def epoch(gb):
-        for lo in range(0, num_samples - gb + 1, gb):
-            yield {"id": ids[lo:lo + gb]}
-
-    return epoch
-
-
-def _take(it, n):
-    return [next(it)["id"].tolist() for _ in range(n)]
-
-
-def test_cursor_resumes_at_the_exact_sample_across_epochs():
-    straight = _take(iter_global_batches(_epochs(10), num_samples=10, global_batch=4, cursor=0), 5)
-    # 10 samples, batches of 4: each epoch uses 8 samples (drop_last)
-    assert straight == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
-    resumed = _take(iter_global_batches(_epochs(10), num_samples=10, global_batch=4, cursor=12), 3)
-    assert resumed == straight[3:5] + [[4, 5, 6, 7]]
-
-
-def test_rank_slices_partition_the_global_batch():
-    batch = {"id": np.arange(8)}
-    parts = [rank_slice(batch, r, 4)["id"].tolist() for r in range(4)]
-    assert sum(parts, []) == list(range(8))
 
 
 def test_checkpoint_round_trip_and_integrity(tmp_path):

@@ -20,6 +20,8 @@ to turn that mean back into the sum. The result equals one process on the global
 """
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from typing import Sequence
 
@@ -41,6 +43,14 @@ from .pipeline import build_schedule
 from .recompute import apply_recompute
 
 log = logging.getLogger(__name__)
+
+
+def check_loss_fn(plan: ParallelPlan, loss_fn) -> None:
+    """A custom loss_fn runs on torch layouts only (raises before anything is built)."""
+    if loss_fn is not None and plan.backend == "deepspeed":
+        raise ValueError("loss_fn on a DeepSpeed layout: DeepSpeed runs its own backward per micro-batch and "
+                         "cannot rescale by a target count known only afterwards; use a torch layout "
+                         "(parallel.layout ... backend=torch)")
 
 
 class ParallelEngine:
@@ -90,6 +100,8 @@ class ParallelEngine:
         self._autocast = mixed_precision is not None and plan.backend == "torch" and not uses_fsdp(plan)
         self._loss_scale = 1.0
         self._pp_ce: list[torch.Tensor] = []
+        self.loss_fn = None
+        self._counts: list[float] = []  # per micro-batch target counts of a custom loss_fn
         log.info("engine: %s on %s, dp rank %d/%d", plan.describe(), self.device, self.dp_rank, self.dp_size)
 
     # -- public API -------------------------------------------------------------------------
@@ -109,6 +121,20 @@ class ParallelEngine:
     def parameters(self) -> list[nn.Parameter]:
         """Parameters held by this rank (all its stages), each once."""
         return [p for _, p in self._named_params()]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(HF name, parameter) of every parameter this rank holds (shards), each once."""
+        return list(self._named_params())
+
+    def set_loss_fn(self, loss_fn) -> None:
+        """A custom loss in place of next-token cross-entropy: loss_fn(logits, labels) returns
+        (summed loss, number of targets) for one micro-batch (logits [b, s, vocab]; labels [b, s]
+        unshifted, as HF's models take them). The step's loss is the global sum over the global
+        count, exactly what one process computes over the whole batch. Under tensor parallel the
+        logits are a vocab-sharded DTensor and loss_fn runs inside loss_parallel()
+        (torch's cross_entropy works there). DeepSpeed layouts refuse it."""
+        check_loss_fn(self.plan, loss_fn)
+        self.loss_fn = loss_fn
 
     def set_lr(self, lr: float) -> None:
         """Set the learning rate of every parameter group."""
@@ -133,6 +159,8 @@ class ParallelEngine:
         if input_ids.shape[0] != rows:
             raise ValueError(f"batch has {input_ids.shape[0]} rows; this dp rank needs micro_batch_size * "
                              f"grad_accum = {self.plan.micro_batch_size} * {self.plan.grad_accum} = {rows}")
+        if self.loss_fn is not None:
+            return self._custom_loss_step(input_ids, labels)
         global_tokens = self._global_tokens(labels)
         inv_tokens = 1.0 / max(global_tokens, 1)
         if self.ds_engine is not None:
@@ -144,6 +172,39 @@ class ParallelEngine:
                 local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
                     else self._micro_batch_step(input_ids, labels)
         return {"loss": self._global_ce(local_ce) * inv_tokens, "tokens": global_tokens}
+
+    def _custom_loss_step(self, input_ids, labels) -> dict[str, float | int]:
+        """forward_backward with loss_fn: its target count is known only once the loss ran, so
+        the backward runs on the summed loss (x dp: reductions average over dp) and the
+        gradients are divided by the global count afterwards (one pass over this rank's grads)."""
+        self._loss_scale, self._counts = float(self.dp_size), []
+        with self._maybe_autocast():
+            local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
+                else self._micro_batch_step(input_ids, labels)
+        global_count = self._global_count()
+        inv = 1.0 / max(global_count, 1.0)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(inv)
+        return {"loss": self._global_ce(local_ce) * inv, "tokens": int(global_count)}
+
+    def _global_count(self) -> float:
+        """The custom loss's targets over every rank (only last-stage ranks count under pp)."""
+        local = sum(self._counts[-self.plan.grad_accum:]) if self.schedule is not None else sum(self._counts)
+        return self._global_ce(torch.tensor(float(local), device=self.device))
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_mesh) -> torch.Tensor:
+        """Summed loss of one micro-batch: next-token cross-entropy, or loss_fn (set_loss_fn)."""
+        if self.loss_fn is None:
+            return summed_causal_lm_loss(logits, labels, vocab_mesh)
+        from torch.distributed.tensor import DTensor, Shard
+
+        if vocab_mesh is not None and not isinstance(logits, DTensor):
+            logits = DTensor.from_local(logits, vocab_mesh, [Shard(logits.dim() - 1)], run_check=False)
+        loss, count = self.loss_fn(logits, labels.to(logits.device))
+        self._counts.append(float(count))
+        return loss.to_local() if isinstance(loss, DTensor) else loss
 
     def _global_tokens(self, labels: torch.Tensor) -> int:
         # Sync point 1: the global target-token count (dp axis only: tp/pp peers hold the same rows).
@@ -176,7 +237,8 @@ class ParallelEngine:
             raise ValueError(f"evaluation batch has {input_ids.shape[0]} rows; a pipeline layout evaluates the "
                              f"training shape, micro_batch_size * grad_accum = {mbs} * {self.plan.grad_accum} = "
                              f"{mbs * self.plan.grad_accum} rows per dp rank")
-        global_tokens = self._global_tokens(labels)
+        global_tokens = self._global_tokens(labels) if self.loss_fn is None else None
+        self._counts = []
         if self.schedule is not None:
             self._loss_scale = 1.0
             with self._maybe_autocast():
@@ -188,9 +250,42 @@ class ParallelEngine:
             local_ce = torch.zeros((), device=self.device)
             with self._maybe_autocast(), loss_parallel_context(vocab_mesh):
                 for i in range(0, input_ids.shape[0], mbs):
-                    ce = summed_causal_lm_loss(module(input_ids[i:i + mbs]), labels[i:i + mbs], vocab_mesh)
-                    local_ce = local_ce + ce
+                    local_ce = local_ce + self._loss(module(input_ids[i:i + mbs]), labels[i:i + mbs], vocab_mesh)
+        if global_tokens is None:  # loss_fn counted its own targets
+            global_tokens = int(self._global_count())
         return {"loss": self._global_ce(local_ce) / max(global_tokens, 1), "tokens": global_tokens}
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Forward only: full-vocabulary logits [rows, seq, vocab] of this rank's rows, in
+        micro-batches (tensor parallel: the vocab shards are all-gathered over tp). Not under
+        pipeline parallel, where they exist on the last stage only."""
+        from torch.distributed.tensor import DTensor
+
+        if self.schedule is not None:
+            raise ValueError("logits are not available on a pipeline-parallel layout (only the last stage holds "
+                             "them); evaluate with labels= for the global loss, or export the model "
+                             "(save_pretrained) and run it with transformers for logits")
+        input_ids = input_ids.to(self.device)
+        module, mbs = (self.ds_engine if self.ds_engine is not None else self.modules[0]), self.plan.micro_batch_size
+        parts = []
+        with self._maybe_autocast():
+            for i in range(0, input_ids.shape[0], mbs):
+                out = module(input_ids[i:i + mbs])
+                parts.append((out.full_tensor() if isinstance(out, DTensor) else self._gather_vocab(out)).float())
+        return torch.cat(parts)
+
+    def _gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Plain-tensor logits that are this rank's vocab shard (loss parallel) → full vocabulary."""
+        from .tensor_parallel import vocab_parallel_mesh
+
+        vocab_mesh = None if self.ds_engine is not None else vocab_parallel_mesh(self.plan, self.mesh,
+                                                                                 self.stages[0].config)
+        if vocab_mesh is None:
+            return logits
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(logits, vocab_mesh, [Shard(logits.dim() - 1)], run_check=False).full_tensor()
 
     def optimizer_step(self, optimizer=None) -> float:
         """Clip (max_grad_norm) and apply the update with the engine's AdamW, or with
@@ -224,7 +319,7 @@ class ParallelEngine:
                 last = i == ga - 1
                 ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
                 self._set_grad_sync(module, last)
-                ce = summed_causal_lm_loss(module(ids), lab, vocab_mesh)
+                ce = self._loss(module(ids), lab, vocab_mesh)
                 (ce * self._loss_scale).backward()
                 total = total + ce.detach()
         return total
@@ -240,7 +335,7 @@ class ParallelEngine:
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Stages exchange plain tensors: under TP `logits` is this rank's vocab shard, turned
         # back into a Shard(-1) DTensor over the tp mesh (set by _pipeline_step) for the loss.
-        ce = summed_causal_lm_loss(logits, labels, self._pp_vocab_mesh)
+        ce = self._loss(logits, labels, self._pp_vocab_mesh)
         self._pp_ce.append(ce.detach())
         return ce * self._loss_scale
 
@@ -282,6 +377,20 @@ class ParallelEngine:
         return total  # optimizer_step() makes the boundary step
 
     # -- checkpoint state -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def using_optimizer(self, optimizer=None):
+        """Within: get_state / set_state (checkpoints) save and load `optimizer` (a user's own
+        torch optimizer over `parameters()`, the one-line API) instead of the engine's AdamW.
+        DeepSpeed layouts keep their own: the user's AdamW hands its steps to it."""
+        if optimizer is None or self.ds_engine is not None:
+            yield
+            return
+        own, self.optimizer = self.optimizer, optimizer
+        try:
+            yield
+        finally:
+            self.optimizer = own
+
     def get_state(self, full: bool = False):
         """(model_state, optimizer_state) with HF FQNs; full=True gathers dp/tp shards to CPU tensors."""
         from .state import get_engine_state
