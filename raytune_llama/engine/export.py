@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from raytune_llama.engine.atomic_files import replace_dir
 from raytune_llama.engine.ranks import rank_and_world
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what HF's save_pretrained uses
@@ -117,6 +118,4 @@ def _finish(tmp: Path, final: Path, files: list[tuple[str, list[str]]], config, 
     config.save_pretrained(tmp)
     if tokenizer is not None:  # the one-line API's save_pretrained saves the model only, as HF's does
         tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)  # the previous export stays until the new one is in place

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from raytune_llama.engine.atomic_files import replace_dir
 from raytune_llama.engine.hf_cache import resolve_pretrained
 from raytune_llama.engine.tokenizer_build import SHIPPED_TOKENIZER, load_tokenizer
 from raytune_llama.presets import preset_config
@@ -20,9 +21,7 @@ def _atomic_dir(final: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -7,9 +7,10 @@ defer to the plan) and an AttributeError that says what to do for anything else.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 class ParallelCausalLM(nn.Module):
     """What `from_pretrained` returns after the one line: an HF-style causal LM facade over
     a ParallelEngine."""
+
+    step_guard: Optional[Callable[[], ContextManager]] = None
+    """Set by the Ray layer for a user's loop (trainer/user_loop.py guard_user_loop): each
+    training forward (the step's collectives) runs inside step_guard(), the run's step watchdog."""
 
     def __init__(self, engine, config, model_path: Optional[str] = None):
         super().__init__()
@@ -141,7 +146,9 @@ class ParallelCausalLM(nn.Module):
             # loss (logits: call without labels).
             stats = self.engine.evaluate({"input_ids": input_ids, "labels": labels})
             return CausalLMOutputWithPast(loss=torch.tensor(stats["loss"], device=self.engine.device))
-        stats = self.engine.forward_backward({"input_ids": input_ids, "labels": labels})
+        guard = type(self).step_guard
+        with guard() if guard is not None else contextlib.nullcontext():
+            stats = self.engine.forward_backward({"input_ids": input_ids, "labels": labels})
         loss = torch.tensor(stats["loss"], device=self.engine.device, requires_grad=True)
         return CausalLMOutputWithPast(loss=loss)
 

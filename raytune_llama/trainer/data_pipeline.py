@@ -113,6 +113,9 @@ class StoreBuilder:
         # Ray Data's usage collector queries a Prometheus server at localhost:9090 after each
         # execution and logs a traceback per metric when there is none (the usual case).
         os.environ.setdefault("RAY_DATA_USAGE_DISABLED", "1")
+        # The driver prints its own data line; Ray Data's per-execution INFO lines and operator
+        # statistics would interleave with the progress line.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         try:
             if self.pending:
                 ctx = ray.data.DataContext.get_current()

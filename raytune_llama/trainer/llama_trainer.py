@@ -68,7 +68,7 @@ class LlamaTrainer:
         )
         from raytune_llama.trainer.planning import elastic_world_sizes, make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
-        from raytune_llama.trainer.user_loop import user_loop_env
+        from raytune_llama.trainer.user_loop import guard_user_loop, user_loop_env
 
         cfg = self.config
         self._check_resume_policy()
@@ -131,6 +131,8 @@ class LlamaTrainer:
             else:
                 loop_config = {**user_args, "model_path": model_path, "tokenizer_path": tokenizer_path}
                 env.update(user_loop_env(run_plan.plan, board_name, info.store_path, cfg))
+            if user_args is not None:  # the user's loop runs under the run's step watchdog too
+                train_fn = guard_user_loop(train_fn, cfg.to_dict())
             trainer = TorchTrainer(
                 train_fn,
                 train_loop_config=loop_config,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from raytune_llama.config import Config
 from raytune_llama.config_checks import looks_like_hub_id
+from raytune_llama.engine.atomic_files import write_bytes_atomic
 
 
 def _abs(path: str | None) -> str | None:
@@ -49,7 +49,5 @@ def merge_step_history(run_dir: Path, records: list[dict]) -> list[dict]:
     if first_new is not None:
         history = [r for r in history if r["step"] < first_new] + list(records)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in history).encode())
     return history

@@ -5,6 +5,7 @@ loss.png (loss and non-padding tokens/s over steps, with world-size changes mark
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,14 +17,9 @@ from typing import Any, Mapping, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from raytune_llama.engine.atomic_files import write_bytes_atomic
+
 LOSS_COLOR, TPUT_COLOR, PRED_COLOR = "#1f77b4", "#2ca02c", "#7f7f7f"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a crash never leaves a half-written report."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -117,10 +113,10 @@ def write_run_report(run_dir: "str | os.PathLike", summary: Mapping[str, Any],
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path, plot_path = run_dir / "summary.json", run_dir / "loss.png"
     # default=str: a Path or numpy scalar in the summary must not cost the whole report.
-    _atomic_write(summary_path, json.dumps(dict(summary), indent=2, default=str).encode())
+    write_bytes_atomic(summary_path, json.dumps(dict(summary), indent=2, default=str).encode())
     ordered = sorted((r for r in records if "step" in r), key=lambda r: r["step"])
     fig = plot_run(summary, ordered)
-    tmp = plot_path.with_name(f".{plot_path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, plot_path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    write_bytes_atomic(plot_path, png.getvalue())
     return {"summary": summary_path, "plot": plot_path}

@@ -33,7 +33,7 @@ def save_checkpoint(step: int, optimizer, scheduler=None, **metrics) -> None:
     import ray.train
 
     from raytune_llama.trainer import checkpoint_report
-    from raytune_llama.trainer.user_loop import _shards
+    from raytune_llama.trainer.user_loop import _shards, note_checkpoint
 
     engine = _engine()
     shard = _shards.get("train")
@@ -43,6 +43,7 @@ def save_checkpoint(step: int, optimizer, scheduler=None, **metrics) -> None:
     with engine.using_optimizer(optimizer):
         checkpoint_report.save_and_report({"step": int(step), **metrics}, engine, meta,
                                           resolve_format("auto", engine.plan))
+    note_checkpoint(int(step))
 
 
 def resume(optimizer, scheduler=None) -> int:
@@ -51,7 +52,7 @@ def resume(optimizer, scheduler=None) -> int:
     layout, whatever layout saved it), `optimizer` and `scheduler`, move get_dataset_shard to
     the saved sample, and return the saved step (0 when the run has no checkpoint yet)."""
     from raytune_llama.trainer import checkpoint_report
-    from raytune_llama.trainer.user_loop import restore_data_position
+    from raytune_llama.trainer.user_loop import note_checkpoint, restore_data_position
 
     engine = _engine()
     meta = checkpoint_report.restore_latest(engine, checkpoint_report.run_dir_on_filesystem(), optimizer)
@@ -59,6 +60,7 @@ def resume(optimizer, scheduler=None) -> int:
         scheduler.load_state_dict(meta["scheduler"])
     if meta.get("cursor") is not None:
         restore_data_position(int(meta["cursor"]))
+    note_checkpoint(int(meta.get("step", 0)))
     return int(meta.get("step", 0))
 
 

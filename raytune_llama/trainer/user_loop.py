@@ -7,6 +7,7 @@ data-parallel rank, and a progress record per step for the driver.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -115,3 +116,53 @@ def log_step(loss: float, step: Optional[int] = None, **extra) -> None:
               "world_size": ctx.get_world_size(), "max_steps": data.get("max_steps", 0), **extra}
     if os.environ.get(BOARD_ENV):
         ray.get_actor(os.environ[BOARD_ENV]).push.remote(record)
+
+
+def guard_user_loop(train_fn, config: dict) -> "GuardedUserLoop":
+    """train_fn wrapped for the worker: every training forward of the parallelized model (where a
+    rank stuck in a collective hangs) runs under the run's step watchdog (trainer/step_guard.py,
+    run.step_timeout_s / run.collective_timeout_s), as `raytune-llama finetune`'s loop does; a
+    stalled rank is reported to the driver and ends its worker for a restart. Steps are counted
+    from the last logged or resumed step; the step after save_checkpoint keeps the long bound."""
+    return GuardedUserLoop(train_fn, config)
+
+
+class GuardedUserLoop:
+    """A module-level class, so that the worker runs it against this module's own step state
+    (a closure would be pickled by value, with a copy of that state that log_step never updates)."""
+
+    def __init__(self, train_fn, config: dict):
+        self.train_fn, self.config = train_fn, config
+
+    def __call__(self, args):
+        import ray.train
+
+        from raytune_llama.config import config_from_dict
+        from raytune_llama.engine.parallel_causal_lm import ParallelCausalLM
+        from raytune_llama.trainer.chaos import stall_if_injected
+        from raytune_llama.trainer.step_guard import make_step_watchdog
+
+        cfg = config_from_dict(self.config)
+        rank = ray.train.get_context().get_world_rank()
+        board = ray.get_actor(os.environ[BOARD_ENV]) if os.environ.get(BOARD_ENV) else None
+        watchdog = make_step_watchdog(cfg, rank, board)
+
+        @contextlib.contextmanager
+        def guard():
+            step = _last_step["step"] + 1
+            with watchdog.step(step, relaxed=_last_step.pop("checkpointed", False)):
+                stall_if_injected(rank, step, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL)
+                yield
+
+        ParallelCausalLM.step_guard = guard
+        try:
+            return self.train_fn(args)
+        finally:
+            ParallelCausalLM.step_guard = None
+            watchdog.close()
+
+
+def note_checkpoint(step: int) -> None:
+    """save_checkpoint / resume: the loop is at `step`; after a save the next step keeps the long bound."""
+    _last_step["step"] = step
+    _last_step["checkpointed"] = True

@@ -45,3 +45,32 @@ def test_stalled_rank_fails_fast_and_the_run_restarts(ray_head, tmp_path, monkey
     np.testing.assert_allclose(summary["losses"], straight["losses"], rtol=1e-5)
     assert summary["tokens_seen"] == straight["tokens_seen"]
     assert (tmp_path / "runs" / "stall" / ".stall-injected-rank1-step4").exists()
+
+
+def test_a_user_loop_runs_under_the_step_watchdog(ray_head, tmp_path, monkeypatch, capsys):
+    """The same stall in a user's own loop (examples/finetune_own_dataloader.py, one-line API):
+    its training forward runs under the step watchdog, the stall is reported by rank and step,
+    the worker group restarts, raytune_llama.resume continues from the step-2 checkpoint, and the
+    losses equal an uninterrupted run's."""
+    import importlib.util
+
+    from tests.integration.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("own_loader", REPO / "examples" / "finetune_own_dataloader.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    common = [arg for s in (f"model.name_or_path={tmp_path}/models/tiny-llama",
+                            f"data.path={REPO}/examples/data/tiny_corpus.jsonl", f"run.storage_path={tmp_path}/runs",
+                            f"train.max_steps={STEPS}", "train.global_batch_size=8", "data.seq_len=64",
+                            "checkpoint.every_steps=2", 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"')
+              for arg in ("--set", s)] + ["--tiny", "--eval-every", "100"]
+    straight = example.main(common + ["--set", "run.name=loop-no-stall"])
+    monkeypatch.setenv(STALL_ENV, "rank=1,step=4,seconds=600")
+    summary = example.main(common + ["--set", "run.name=loop-stall", "--set", "run.max_failures=1",
+                                     "--set", f"run.step_timeout_s={STEP_TIMEOUT_S}"])
+    printed = capsys.readouterr().out
+    stalled = next(s for s in summary["stalls"] if s["rank"] == 1)
+    assert stalled["step"] == 4 and stalled["where"].endswith("in stall_if_injected"), summary["stalls"]
+    assert "[raytune_llama] rank 1 stalled in step 4 (no progress for" in printed
+    assert summary["steps"] == list(range(1, STEPS + 1))
+    np.testing.assert_allclose(summary["losses"], straight["losses"], rtol=1e-5)

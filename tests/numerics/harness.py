@@ -101,7 +101,8 @@ def reference_trace(steps: int = STEPS, mixed_precision: str | None = None, mode
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), HP["max_grad_norm"])))
         opt.step()
         losses.append(float(loss))
-    return {"losses": losses, "grad_norms": grad_norms, "checksums": weight_checksums(net.state_dict())}
+    return {"losses": losses, "grad_norms": grad_norms, "checksums": weight_checksums(net.state_dict()),
+            "state": {k: v.detach().clone() for k, v in net.state_dict().items()}}
 
 
 def _free_port() -> int:
@@ -141,9 +142,11 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
             # Gathered (full) weights under HF names; pipeline ranks contribute their own stages.
             full_state, _ = engine.get_state(full=True)
             engine.close()
+            state_file = f"{out_prefix}{rank}.{name}.pt"  # the whole final tensors, compared in full
+            torch.save({k: v.detach().cpu() for k, v in full_state.items()}, state_file)
             results[name] = {"losses": [s["loss"] for s in stats], "grad_norms": [s["grad_norm"] for s in stats],
                              "tokens": [s["tokens"] for s in stats], "seconds": time.time() - t0,
-                             "checksums": weight_checksums(full_state)}
+                             "checksums": weight_checksums(full_state), "state_file": state_file}
         except Exception:
             results[name] = {"error": f"rank {rank}: " + traceback.format_exc(), "seconds": time.time() - t0}
             failed = True
@@ -191,15 +194,17 @@ def run_layouts(world: int, layouts: list[tuple], steps: int = STEPS) -> dict:
             err = f"process group failed: {exc}"
         per_rank = [json.load(open(f"{prefix}{r}.json")) if os.path.exists(f"{prefix}{r}.json") else {}
                     for r in range(world)]
-    results = {}
-    for name, *_ in layouts:
-        errors = [pr[name]["error"] for pr in per_rank if "error" in pr.get(name, {})]
-        if errors:
-            results[name] = {"error": "\n".join(errors)}
-        elif name in per_rank[0]:
-            results[name] = per_rank[0][name]
-            for pr in per_rank[1:]:  # union of the stage keys held by the pipeline ranks
-                results[name]["checksums"].update(pr[name].get("checksums", {}))
-        else:
-            results[name] = {"error": err or "no result"}
+        results = {}
+        for name, *_ in layouts:
+            errors = [pr[name]["error"] for pr in per_rank if "error" in pr.get(name, {})]
+            if errors:
+                results[name] = {"error": "\n".join(errors)}
+            elif name in per_rank[0]:
+                results[name] = per_rank[0][name]
+                results[name]["state"] = {}
+                for pr in per_rank:  # union of the stage keys held by the pipeline ranks
+                    results[name]["checksums"].update(pr[name].get("checksums", {}))
+                    results[name]["state"].update(torch.load(pr[name]["state_file"], weights_only=True))
+            else:
+                results[name] = {"error": err or "no result"}
     return results

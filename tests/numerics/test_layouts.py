@@ -90,11 +90,15 @@ SLOW_WORLDS = {8}  # the 8-rank group took 92 s on 2 cores: slow tier
 #   by step 5). A scale that only the backward sees leaves the losses unchanged (clipping and
 #   AdamW are scale-invariant) but moves this norm by the factor (x2: 1.0; half the
 #   micro-batches dropped: >= 0.29).
-# * Final weights sum|w| per tensor, rtol 5e-3: the same +-lr AdamW steps (lr 3e-3 on weights
-#   of std 0.02) on elements whose gradient sign rounding decided; measured max 1.7e-3.
+# * Final weights, whole tensors, relative L2 difference per tensor <= 6e-2: AdamW moves an
+#   element whose gradient is near zero by about +-lr per step whatever the gradient's size, so
+#   on elements whose gradient sign bf16 rounding decided the layouts differ by up to 2 x lr x
+#   steps = 3e-2 (lr 3e-3, 5 steps; weights of std 0.02): measured max |dw| 1.8e-2 and relative
+#   L2 1.2e-2 to 2.8e-2 (k_proj, whose gradients are smallest). fp32 layouts: measured relative
+#   L2 <= 6.1e-6 (max |dw| 1.4e-5), bound 5e-5.
 BF16_LOSS_RTOL = 5e-4
 BF16_GRAD_NORM_RTOL = 2.0 ** -8
-BF16_WEIGHT_RTOL = 5e-3
+BF16_WEIGHT_RTOL = 6e-2
 
 _cache: dict = {}
 
@@ -132,18 +136,22 @@ def _compare(name: str, res: dict, ref: dict, loss_rtol: tuple[float, float], gr
     assert rel[0] <= loss_rtol[0], f"step 1 loss {got[0]} vs reference {want[0]}"
     assert max(rel) <= loss_rtol[1], f"losses {got} vs reference {want}"
     assert gn_rel <= grad_norm_rtol, f"step 1 grad norm {res['grad_norms'][0]} vs reference {ref['grad_norms'][0]}"
-    # engine.get_state(full=True) must give every weight under its HF name, equal to the reference's.
-    sums, ref_sums = res["checksums"], ref["checksums"]
-    assert sorted(sums) == sorted(ref_sums), f"state keys differ: {set(sums) ^ set(ref_sums)}"
-    worst = max(abs(sums[k] - ref_sums[k]) / ref_sums[k] for k in ref_sums)
-    print(f"[numerics] {name:46s} final weights max rel diff (sum|w| per tensor) = {worst:.3e}")
-    assert worst <= weight_rtol
+    # engine.get_state(full=True) must give every weight under its HF name, equal to the reference's:
+    # whole tensors, compared element by element (relative L2 per tensor, and the largest element).
+    state, ref_state = res["state"], ref["state"]
+    assert sorted(state) == sorted(ref_state), f"state keys differ: {set(state) ^ set(ref_state)}"
+    rel = {k: float((state[k].double() - w.double()).norm() / w.double().norm()) for k, w in ref_state.items()}
+    worst = max(rel, key=rel.get)
+    elem = max(float((state[k].double() - w.double()).abs().max()) for k, w in ref_state.items())
+    print(f"[numerics] {name:46s} final weights: max rel L2 per tensor {rel[worst]:.3e} ({worst}), "
+          f"max |dw| {elem:.3e}")
+    assert rel[worst] <= weight_rtol, f"{worst}: relative L2 difference {rel[worst]:.3e} > {weight_rtol}"
 
 
 @pytest.mark.parametrize("name", _params(LAYOUTS))
 def test_layout_matches_single_process(name):
     world, _ = LAYOUTS[name]
-    _compare(name, _group(world)[name], _reference(), loss_rtol=(1e-5, 1e-4), grad_norm_rtol=1e-5, weight_rtol=1e-4)
+    _compare(name, _group(world)[name], _reference(), loss_rtol=(1e-5, 1e-4), grad_norm_rtol=1e-5, weight_rtol=5e-5)
 
 
 @pytest.mark.parametrize("name", _params(BF16_LAYOUTS))

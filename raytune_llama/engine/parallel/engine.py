@@ -61,6 +61,10 @@ class ParallelEngine:
                  eps: float = 1e-8, max_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
                  layer_costs: Sequence[float] | None = None, compile: bool = False,
                  load_from: str | None = None):
+        if mixed_precision == "fp16" and plan.backend == "torch":
+            raise ValueError("mixed_precision: 'fp16' needs loss scaling, which the torch layouts do not do (gradients "
+                             "would underflow silently); use 'bf16' (MI250, H100 and later support it), None for fp32, "
+                             "or a DeepSpeed layout, whose fp16 mode scales the loss")
         device_type = device or default_device_type()
         init_distributed(device_type)
         self.plan = plan

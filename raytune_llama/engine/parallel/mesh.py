@@ -61,7 +61,3 @@ def data_parallel_rank_and_size(mesh: DeviceMesh) -> tuple[int, int]:
     dmesh = dp_mesh(mesh)
     return dmesh.get_local_rank(), dmesh.size()
 
-
-def axis_group(mesh: DeviceMesh, axis: str):
-    """The process group of one mesh axis."""
-    return mesh.get_group(axis)
