@@ -3,6 +3,7 @@
 the layout completed and checked by the real planner on the driver. Every family's losses equal
 a single-process run of the same loop on the same global batches."""
 import importlib.util
+import itertools
 
 import numpy as np
 import pytest
@@ -99,6 +100,7 @@ def test_own_dataloader_loop_resumes_exactly_and_exports(ray_head, tmp_path):
                             "checkpoint.every_steps=2", "train.warmup_steps=2")
               for arg in ("--set", s)] + ["--tiny", "--eval-every", "3"]
     straight = example.main(common + ["--set", "run.name=straight"])
+    np.testing.assert_allclose(straight["losses"], _own_loader_in_one_process(example, tmp_path, steps=6), rtol=1e-4)
     first = example.main(common + ["--set", "run.name=resumed", "--set", "train.stop_after_steps=3"])
     second = example.main(common + ["--set", "run.name=resumed"])
     assert straight["steps"] == [1, 2, 3, 4, 5, 6]
@@ -108,3 +110,29 @@ def test_own_dataloader_loop_resumes_exactly_and_exports(ray_head, tmp_path):
     assert [r["step"] for r in history if "eval_loss" in r] == [3, 6]
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "resumed" / "export")
     assert exported.num_parameters() > 0
+
+
+def _own_loader_in_one_process(example, tmp_path, steps: int) -> list[float]:
+    """The example's loop without the one line, in this process: plain HF model, the same loader,
+    param groups, schedule and clipping over the whole global batch (the reference)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    model_dir = tmp_path / "models" / "tiny-llama"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "right"
+    train_set, _ = example.load_splits(str(REPO / "examples" / "data" / "tiny_corpus.jsonl"), tokenizer, 64)
+    named = list(model.named_parameters())
+    optim = torch.optim.AdamW([{"params": [p for n, p in named if "norm" not in n], "weight_decay": 0.01},
+                               {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}], lr=3e-3)
+    scheduler = get_cosine_schedule_with_warmup(optim, 2, steps)
+    losses = []
+    for batch in itertools.islice(example.loader(train_set, tokenizer, 8, 64, 0), steps):
+        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=example.labels_of(batch)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        scheduler.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
