@@ -29,8 +29,7 @@ def rank_batch(store: TokenStore, order: SampleOrder, cursor: int, dp_rank: int,
                with_ids: bool = False) -> RankBatch:
     """The global batch at `cursor`: this dp rank's contiguous share of its rows."""
     per_rank = order.global_batch // dp_size
-    positions = order.positions(cursor)
-    epoch, _ = order.epoch_and_offset(cursor)
+    epoch, positions = order.locate(cursor)  # one walk of the epoch layout for both
     mine = store.read(positions[dp_rank * per_rank:(dp_rank + 1) * per_rank], with_ids=with_ids)
     return RankBatch(mine, store.tokens_of(positions), epoch)
 

@@ -110,11 +110,15 @@ class SampleOrder:
 
     def positions(self, cursor: int, lo: int = 0, hi: Optional[int] = None) -> list[tuple[int, int]]:
         """(chunk, row) of samples lo..hi-1 of the global batch at `cursor`."""
+        return self.locate(cursor, lo, hi)[1]
+
+    def locate(self, cursor: int, lo: int = 0, hi: Optional[int] = None) -> tuple[int, list[tuple[int, int]]]:
+        """(epoch, positions(cursor, lo, hi)): the epoch of the global batch at `cursor` too."""
         hi = self.global_batch if hi is None else hi
         epoch, offset = self.epoch_and_offset(cursor)
         wanted = offset + np.arange(lo, hi, dtype=np.int64)
         layout = self._layout(epoch, int(wanted.max(initial=-1)) + 1)
-        return [layout.locate(int(p), self.seed, epoch, self.shuffle) for p in wanted]
+        return epoch, [layout.locate(int(p), self.seed, epoch, self.shuffle) for p in wanted]
 
 
 class _EpochLayout:
