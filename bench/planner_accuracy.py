@@ -26,7 +26,6 @@ import argparse
 import datetime
 import gc
 import json
-import math
 import os
 import socket
 import statistics
@@ -230,24 +229,11 @@ def run_layout(world: int, plan_kw: dict, steps: int, warmup: int) -> dict:
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    def ranks(v):
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                r[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return r
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return cov / den if den else float("nan")
+    """Spearman rank correlation (average ranks for ties); NaN when it is undefined."""
+    from raytune_llama.planner.rank_stats import spearman as rank_correlation
+
+    rho = rank_correlation(xs, ys)
+    return float("nan") if rho is None else rho
 
 
 def record(name: str, world: int, plan_kw: dict, step_s: float, peak: float | None) -> dict:

@@ -24,6 +24,9 @@ class ConfigError(ValueError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
 
+    def __reduce__(self):  # pickled across Ray (a Tune trial's error) with its problems intact
+        return type(self), (self.problems,)
+
 
 @dataclass
 class ModelConfig:
@@ -38,12 +41,26 @@ class ModelConfig:
     """Seed for random initialisation."""
 
 
+DEFAULT_PROMPT_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+FILE_READERS = ("auto", "jsonl", "parquet", "hf")
+ROW_FORMATS = ("text", "chat", "instruction")
+
+
 @dataclass
 class DataConfig:
     path: str = "examples/data/tiny_corpus.jsonl"
     """JSONL / Parquet file or directory, or an HF dataset name when format == 'hf'."""
-    format: str = "auto"
-    """auto (from the file ending) | jsonl | parquet | hf."""
+    format: str = "text"
+    """What a row is: text (one document in data.text_column) | chat (a conversation in
+    data.messages_column, rendered with the tokenizer's chat template) | instruction (prompt
+    columns filled into data.prompt_template, the answer in data.response_column). The older
+    values auto | jsonl | parquet | hf still mean text, read that way (docs/data.md "Supervised
+    fine-tuning data")."""
+    reader: str = "auto"
+    """How the files are read: auto (from the file ending) | jsonl | parquet | hf."""
     hf_split: str = "train"
     """Split to read when format == 'hf'."""
     text_column: str = "text"
@@ -69,6 +86,39 @@ class DataConfig:
     every node can read, as run.storage_path is)."""
     hf_streaming: bool = False
     """format hf: read the dataset as a streaming IterableDataset, one chunk per source shard."""
+    messages_column: str = "messages"
+    """format chat: the column of role/content message lists."""
+    chat_template: Optional[str] = None
+    """format chat: a Jinja chat template used instead of the tokenizer's own (needed when the
+    tokenizer has none)."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """format instruction: the prompt, with {column} fields filled from the row; a paragraph
+    (text between blank lines) whose fields are all empty is left out (Alpaca's `input`)."""
+    response_column: str = "output"
+    """format instruction: the column holding the answer."""
+    train_on_prompt: bool = False
+    """chat / instruction: also train on the prompt tokens (default: loss on the answers only)."""
+    packing: str = "documents"
+    """documents (rows hold whole documents, position ids restart and attention stays inside
+    each document) | naive (documents joined with EOS and cut every seq_len tokens, attention
+    across them) | none (one document per row, padded). A document longer than seq_len is
+    split into rows in every mode (docs/data.md "Packing")."""
+    eval_path: Optional[str] = None
+    """Validation data, read like data.path (same format and columns)."""
+    eval_fraction: float = 0.0
+    """Without eval_path: this fraction of the documents (chosen by a hash of their position,
+    the same on every run) is held out of training for validation."""
+
+
+    @property
+    def row_format(self) -> str:
+        """text | chat | instruction (the legacy file-kind values of `format` mean text)."""
+        return self.format if self.format in ROW_FORMATS else "text"
+
+    @property
+    def file_reader(self) -> str:
+        """auto | jsonl | parquet | hf: `reader`, or `format` when it names a file kind."""
+        return self.format if self.format in FILE_READERS else self.reader
 
 
 @dataclass
@@ -96,6 +146,14 @@ class TrainConfig:
     """Report metrics to Ray Train every N steps (progress is shown every step)."""
     seed: int = 0
     """Seed for the training process (data order is fixed by the pipeline)."""
+    eval_every_steps: int = 0
+    """With validation data (data.eval_path or data.eval_fraction): evaluate every N steps and
+    at the end (0: only at the end)."""
+    eval_max_batches: Optional[int] = None
+    """Global batches per evaluation (None: the whole validation set)."""
+    lora: Optional[dict] = None
+    """LoRA fine-tuning with peft: {r, alpha, dropout, target_modules}; the base weights are
+    frozen, only the adapters train (docs/lora.md)."""
 
 
 @dataclass
@@ -141,6 +199,9 @@ class CheckpointConfig:
     backend; else full) | full (rank 0 writes the gathered whole model: small models) |
     sharded (every rank writes only its own shards with torch.distributed.checkpoint; needed
     for 70B). Either format resumes in any layout, world size and backend."""
+    keep_best: Optional[str] = None
+    """eval_loss: also keep the checkpoint with the lowest validation loss (besides the last
+    keep_last ones)."""
     async_save: bool = False
     """Sharded format: copy the shards to host memory at the checkpoint step and write them
     in the background during the next step; the checkpoint is reported (and becomes the one
@@ -161,6 +222,9 @@ class RunConfig:
     """Logical CPUs of a local cluster; default leaves room for the data pipeline."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do before failing the run."""
+    trackers: list = field(default_factory=list)
+    """Experiment trackers fed with every step, evaluation and checkpoint: any of mlflow,
+    tensorboard, wandb (offline unless configured otherwise; files under STORAGE/NAME)."""
     collective_timeout_s: int = 600
     """A collective that waits longer than this fails (naming the rank) instead of hanging
     for torch's 30-minute default; the failure then counts against max_failures. Also the

@@ -7,14 +7,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from raytune_llama.config import FILE_READERS, ROW_FORMATS
 from raytune_llama.engine.hf_cache import ModelNotFoundError, looks_like_hub_id, resolve_pretrained
+from raytune_llama.engine.packing import PACKING_MODES
+from raytune_llama.lora_settings import lora_problems
 from raytune_llama.presets import known_presets
 
 if TYPE_CHECKING:
     from raytune_llama.config import Config
 
 ENUMS = {
-    ("data", "format"): ("auto", "jsonl", "parquet", "hf"),
+    ("data", "format"): ROW_FORMATS + FILE_READERS,
+    ("data", "reader"): FILE_READERS,
+    ("data", "packing"): PACKING_MODES,
+    ("checkpoint", "keep_best"): (None, "eval_loss"),
     ("parallel", "hardware"): ("auto", "cpu", "mi250", "mi250x", "mi300x", "h100", "h200", "a100-80gb"),
     ("parallel", "mixed_precision"): ("auto", "bf16", "none"),
     ("parallel", "master_weights"): ("fp32", "bf16"),
@@ -37,6 +43,8 @@ RANGES: list[tuple[str, str, Callable[[float], bool], str]] = [
     ("data", "chunk_mb", lambda v: v > 0, "> 0 (megabytes of source text per chunk)"),
     ("data", "shuffle_seed", lambda v: v >= 0, ">= 0"),
     ("data", "shuffle_window", lambda v: v >= 1, ">= 1 chunk"),
+    ("data", "eval_fraction", lambda v: 0 <= v < 1, "in [0, 1) (0: no held-out documents)"),
+    ("train", "eval_every_steps", lambda v: v >= 0, ">= 0 (0: evaluate only at the end)"),
     ("parallel", "num_workers", lambda v: v >= 1, ">= 1"),
     ("parallel", "cpus_per_worker", lambda v: v > 0, "> 0"),
     ("parallel", "resize_check_s", lambda v: v >= 0, ">= 0 seconds"),
@@ -50,6 +58,7 @@ INT_FIELDS = {
     ("train", "max_steps"), ("train", "global_batch_size"),
     ("train", "warmup_steps"), ("train", "log_every"), ("data", "seq_len"),
     ("data", "tokenize_batch_size"), ("data", "shuffle_seed"), ("data", "shuffle_window"),
+    ("train", "eval_every_steps"),
     ("parallel", "num_workers"),
     ("checkpoint", "every_steps"), ("checkpoint", "keep_last"), ("run", "max_failures"), ("run", "collective_timeout_s"),
 }
@@ -68,11 +77,18 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
         problems.append(f"parallel.min_workers: {low!r} must be a whole number between 1 and "
                         f"parallel.num_workers ({high}), or null for a fixed-size run")
     layout = cfg.parallel.layout
-    if layout is not None and (not isinstance(layout, str) or "=" not in layout):
-        problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\" or null to let the planner choose")
+    if layout is not None and (not isinstance(layout, str) or ("=" not in layout and layout.strip() != "measured")):
+        problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\", \"measured\" (the "
+                        f"layout `raytune-llama tune-layout` measured fastest for this run) or null to let the "
+                        f"planner choose")
     elif layout is not None and cfg.parallel.master_weights == "bf16" and "backend=deepspeed" in layout.replace(" ", ""):
         problems.append(f"parallel.master_weights: 'bf16' with parallel.layout {layout!r}: DeepSpeed's bf16 mode "
                         f"always keeps fp32 master weights; use master_weights: fp32, or a torch layout")
+    problems += _check_sft_and_eval(cfg)
+    problems += lora_problems(cfg.train.lora)
+    from raytune_llama.trainer.trackers import tracker_problems
+
+    problems += tracker_problems(cfg.run.trackers)
     for key in ("shuffle", "hf_streaming"):
         if not isinstance(getattr(cfg.data, key), bool):
             problems.append(f"data.{key}: {getattr(cfg.data, key)!r} must be true or false")
@@ -84,6 +100,40 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
                         "layout); format 'full' gathers the model to rank 0 and saves synchronously")
     if not str(cfg.run.name).strip() or "/" in str(cfg.run.name):
         problems.append(f"run.name: {cfg.run.name!r} must be a non-empty name without '/'")
+    return problems
+
+
+def _check_sft_and_eval(cfg: "Config") -> list[str]:
+    d, t = cfg.data, cfg.train
+    problems = []
+    if not isinstance(d.train_on_prompt, bool):
+        problems.append(f"data.train_on_prompt: {d.train_on_prompt!r} must be true or false")
+    if d.row_format == "instruction":
+        from raytune_llama.engine.data.sft import template_fields
+
+        try:
+            fields = template_fields(d.prompt_template)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"data.prompt_template: {d.prompt_template!r:.80} is not a valid template ({exc}); "
+                            f"write columns as {{column}} and a literal brace as {{{{ or }}}}")
+        else:
+            if not fields:
+                problems.append(f"data.prompt_template: {d.prompt_template!r:.80} names no {{column}}; put the "
+                                f"instruction column in it, e.g. '### Instruction:\\n{{instruction}}\\n\\n### Response:\\n'")
+    if d.eval_path is not None and d.eval_fraction:
+        problems.append(f"data.eval_fraction: {d.eval_fraction!r} together with data.eval_path {d.eval_path!r}; "
+                        f"use one source of validation data (set eval_fraction: 0 or eval_path: null)")
+    has_eval = d.eval_path is not None or bool(d.eval_fraction)
+    mb = t.eval_max_batches
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+        problems.append(f"train.eval_max_batches: {mb!r} must be a whole number >= 1, or null for the whole "
+                        f"validation set")
+    if cfg.checkpoint.keep_best == "eval_loss" and not has_eval:
+        problems.append("checkpoint.keep_best: 'eval_loss' needs validation data; set data.eval_path or "
+                        "data.eval_fraction (e.g. 0.02)")
+    if t.eval_every_steps and not has_eval and isinstance(t.eval_every_steps, int):
+        problems.append(f"train.eval_every_steps: {t.eval_every_steps!r} without validation data; set "
+                        f"data.eval_path or data.eval_fraction (e.g. 0.02)")
     return problems
 
 
@@ -168,10 +218,10 @@ def _check_cached(hub_id: str, field: str) -> list[str]:
     return []
 
 
-def resolve_format(path: str, fmt: str) -> str:
-    """The data format, inferred from the path when fmt == 'auto'."""
-    if fmt != "auto":
-        return fmt
+def resolve_reader(path: str, reader: str) -> str:
+    """How the data files are read (jsonl | parquet | hf), inferred from the path for 'auto'."""
+    if reader != "auto":
+        return reader
     p = Path(path)
     name = p.name.lower()
     if name.endswith((".jsonl", ".json", ".jsonl.gz")):
@@ -189,27 +239,50 @@ def resolve_format(path: str, fmt: str) -> str:
 
 def _check_data(cfg: "Config") -> list[str]:
     d = cfg.data
-    fmt = resolve_format(d.path, d.format)
+    problems = _check_source(d, "path", d.path)
+    if d.eval_path is not None:
+        problems += _check_source(d, "eval_path", d.eval_path)
+    return problems
+
+
+def needed_columns(d) -> list[tuple[str, str]]:
+    """(config field, column) of every column a row of data.format needs."""
+    from raytune_llama.engine.data.sft import template_fields
+
+    if d.row_format == "chat":
+        return [("messages_column", d.messages_column)]
+    if d.row_format == "instruction":
+        try:
+            fields = template_fields(d.prompt_template)
+        except (ValueError, TypeError):
+            fields = []  # reported by _check_sft_and_eval
+        return [("prompt_template", f) for f in fields] + [("response_column", d.response_column)]
+    return [("text_column", d.text_column)]
+
+
+def _check_source(d, key: str, path: str) -> list[str]:
+    fmt = resolve_reader(path, d.file_reader)
     if fmt == "hf":
         return []
-    p = Path(d.path).expanduser()
+    p = Path(path).expanduser()
     if not p.exists():
         return [
-            f"data.path: {d.path!r} does not exist; give a JSONL/Parquet file or folder "
-            f"(relative paths are resolved from the current directory), or set data.format: hf"
+            f"data.{key}: {path!r} does not exist; give a JSONL/Parquet file or folder "
+            f"(relative paths are resolved from the current directory), or set data.reader: hf"
         ]
     if fmt == "unknown":
-        return [f"data.format: cannot tell the format of {d.path!r}; set data.format to jsonl, parquet or hf"]
+        return [f"data.reader: cannot tell how to read {path!r}; set data.reader to jsonl, parquet or hf"]
     columns = _first_columns(p, fmt)
     if columns is None:
-        return [f"data.path: {d.path!r} holds no {fmt} records; point it at a non-empty dataset"]
+        return [f"data.{key}: {path!r} holds no {fmt} records; point it at a non-empty dataset"]
     problems = []
-    for key in ("text_column", "id_column"):
-        col = getattr(d, key)
+    for field, col in needed_columns(d) + [("id_column", d.id_column)]:
         if col is not None and col not in columns:
+            what = f"the column {{{col}}} of data.prompt_template" if field == "prompt_template" else f"data.{field}"
             problems.append(
-                f"data.{key}: column {col!r} is not in {d.path!r} (columns: {sorted(columns)}); "
-                f"set data.{key} to one of them"
+                f"{what}: column {col!r} is not in {path!r} (columns: {sorted(columns)}); "
+                f"set it to one of them" + (" or change data.format" if d.row_format == "text" and "messages"
+                                            in columns else "")
             )
     return problems
 

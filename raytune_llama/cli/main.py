@@ -1,4 +1,5 @@
-"""`raytune-llama` command line: finetune | plan | estimate | calibrate | dryrun.
+"""`raytune-llama` command line: finetune | plan | estimate | calibrate | dryrun | merge-lora |
+sweep | tune-layout.
 
     raytune-llama finetune examples/configs/tiny_cpu.yaml --set train.max_steps=20
     raytune-llama plan --model llama3-70b --hardware mi250 --nodes 8 --devices-per-node 8 \
@@ -11,7 +12,8 @@ import logging
 import sys
 from typing import Optional
 
-from raytune_llama.cli import dryrun_command, finetune_command, plan_commands
+from raytune_llama.cli import dryrun_command, finetune_command, merge_lora_command, plan_commands, sweep_command
+from raytune_llama.cli import tune_layout_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune_command.register(sub)
     plan_commands.register(sub)
     dryrun_command.register(sub)
+    merge_lora_command.register(sub)
+    sweep_command.register(sub)
+    tune_layout_command.register(sub)
     return parser
 
 

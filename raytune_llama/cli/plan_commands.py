@@ -5,6 +5,8 @@
     raytune-llama estimate --model llama3-70b --hardware mi250 --nodes 8 --seq-len 1024 \
         --global-batch 512 --layout "dp_shard=8,pp=8,micro_batch_size=1,recompute=full"
     raytune-llama calibrate RESULTS.json --out mi250-calibrated.yaml
+    raytune-llama plan --model llama3-70b --hardware mi250 --nodes 1 --seq-len 1024 --global-batch 64 \
+        --lora-rank 16 [--lora-targets q_proj,v_proj] [--packing documents]
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import json
 import sys
 from typing import Any
 
+from raytune_llama.lora_settings import ALL_LINEAR
 from raytune_llama.planner.api import estimate, plan
 from raytune_llama.planner.calibrate import calibrate, load_results, write_profile
 from raytune_llama.planner.cluster import ClusterSpec, from_ray_launcher_yaml, make_cluster
 from raytune_llama.planner.errors import PlanError
-from raytune_llama.planner.workload import make_workload
+from raytune_llama.planner.workload import PACKING_TO_MASK, make_workload
 
 
 def _workload_flags(p: argparse.ArgumentParser) -> None:
@@ -39,6 +42,15 @@ def _workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--headroom", type=float, default=0.05, help="fraction of device memory kept free (default 0.05)")
     p.add_argument("--recompute", choices=["none", "selective", "full"], help="fix activation recomputation")
     p.add_argument("--backend", choices=["torch", "deepspeed"], help="fix the backend")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="LoRA adapter rank (train.lora.r): frozen base, only adapters train; 0 = full fine-tuning "
+                        "(default)")
+    p.add_argument("--lora-targets", default=None,
+                   help=f"comma-separated projections that get adapters (train.lora.target_modules; default all: "
+                        f"{','.join(ALL_LINEAR)})")
+    p.add_argument("--packing", choices=sorted(PACKING_TO_MASK), default=None,
+                   help="data.packing: documents (block-diagonal causal mask per packed document; the run's "
+                        "default) | naive | none (plain causal mask); default: causal")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -52,7 +64,9 @@ def _inputs(args: argparse.Namespace) -> tuple[ClusterSpec, Any]:
             raise PlanError("hardware", None, "no hardware kind given", "pass --hardware mi250 (or --cluster FILE.yaml)")
         cluster = make_cluster(args.hardware, 1 if args.nodes is None else args.nodes, args.devices_per_node, args.profile)
     wl = make_workload(args.global_batch, args.seq_len, args.optimizer, args.tp, args.pp, not args.no_offload,
-                       args.headroom, args.recompute, args.backend, args.compute_dtype)
+                       args.headroom, args.recompute, args.backend, args.compute_dtype, lora_rank=args.lora_rank,
+                       lora_targets=args.lora_targets,
+                       attention_mask=PACKING_TO_MASK[args.packing] if args.packing else "causal")
     return cluster, wl
 
 

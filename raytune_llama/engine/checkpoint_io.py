@@ -13,9 +13,15 @@ Collective: every rank of the process group calls these functions in the same or
 `folder` is the checkpoint's final folder on shared storage (the same on every rank) or a local
 directory per rank (trainer/checkpoint_report.py decides). Every file is hashed while written
 (engine/checkpoint_hashing.py).
+
+LoRA runs (docs/lora.md): the state is the adapters and their AdamW moments only (the frozen base
+is reloaded from the model files); meta.json records the run's train.lora, and a checkpoint
+whose adapters are not this run's (other r / alpha / target_modules, or no LoRA) is refused by
+name before anything is read into the engine.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -79,6 +85,7 @@ def load_engine_checkpoint(engine, directory: str | os.PathLike) -> dict:
     returns its meta. Sharded: each rank reads only what its new shards need (DCP reshards).
     Full: every rank reads the whole state and keeps its part."""
     d = Path(directory)
+    check_lora_matches(engine, d)
     if checkpoint_format(d) == "sharded":
         model_state, optim_state = engine.get_state(full=False)  # this rank's shards, new layout
         state = load_sharded_training_state(d, model=model_state, optimizer=optim_state, verify=False)
@@ -87,6 +94,34 @@ def load_engine_checkpoint(engine, directory: str | os.PathLike) -> dict:
     state = load_training_state(d, verify=False)
     engine.set_state(state["model"], state["optimizer"], full=True)
     return state["meta"]
+
+
+_LORA_SHAPE_KEYS = ("r", "alpha", "target_modules")  # what the adapters' keys, shapes and meaning depend on
+
+
+def lora_meta(engine) -> dict | None:
+    """The engine's train.lora as recorded in a checkpoint's meta (None: full fine-tuning)."""
+    lora = getattr(engine, "lora", None)
+    if lora is None:
+        return None
+    return {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": sorted(lora.target_modules)}
+
+
+def _lora_shape(lora_meta_value: dict | None) -> dict | None:
+    return None if lora_meta_value is None else {k: lora_meta_value[k] for k in _LORA_SHAPE_KEYS}
+
+
+def check_lora_matches(engine, directory: Path) -> None:
+    """Refuse a checkpoint whose model state is not this engine's: LoRA adapters of other
+    r / alpha / target_modules, adapters for a full fine-tuning run, or the reverse."""
+    meta_file = directory / "meta.json"
+    if not meta_file.is_file():
+        return  # verify_checkpoint reports the incomplete checkpoint
+    saved, mine = json.loads(meta_file.read_text()).get("lora"), lora_meta(engine)
+    if _lora_shape(saved) != _lora_shape(mine):
+        raise ValueError(f"train.lora: the checkpoint {directory} was written with train.lora {saved}, this run has "
+                         f"{mine}; resume with the checkpoint's train.lora settings (r, alpha, target_modules), "
+                         f"or start a new run (another run.name)")
 
 
 def save_engine_checkpoint(engine, directory: str | os.PathLike, meta: dict, fmt: str) -> bool:
@@ -98,7 +133,7 @@ def save_engine_checkpoint(engine, directory: str | os.PathLike, meta: dict, fmt
     if fmt not in FORMATS:
         raise ValueError(f"checkpoint.format: {fmt!r} is not one of {FORMATS}")
     rank, world = rank_and_world()
-    meta = {**meta, "format": fmt, "plan": engine.plan.to_dict()}
+    meta = {**meta, "format": fmt, "plan": engine.plan.to_dict(), "lora": lora_meta(engine)}
     if fmt == "sharded":
         model_state, optim_state = engine.get_state(full=False)
         save_sharded_training_state(directory, model=model_state, optimizer=optim_state, meta=meta,
@@ -147,7 +182,7 @@ def begin_async_save(engine, directory: str | os.PathLike, meta: dict) -> Pendin
     state = {"model": model_state} if optim_state is None else {"model": model_state, "optimizer": optim_state}
     writer = HashingFileSystemWriter(d)  # also the stager: a blocking copy to CPU memory
     future = dcp.async_save(state, storage_writer=writer, process_group=_background_group())
-    meta = {**meta, "format": "sharded", "plan": engine.plan.to_dict()}
+    meta = {**meta, "format": "sharded", "plan": engine.plan.to_dict(), "lora": lora_meta(engine)}
     return PendingSave(future, d, meta, torch.get_rng_state(), optim_state is not None, writer.hashed)
 
 

@@ -34,9 +34,17 @@ def peak_flops(device: torch.device) -> Optional[float]:
 
 
 def peak_memory_bytes(device: torch.device) -> Optional[int]:
-    """Peak allocated device memory since start (accelerators only)."""
+    """Peak memory of this rank since its process started: the accelerator allocator's peak, or
+    on CPU the process's peak resident set (which also holds the interpreter and libraries:
+    an upper bound of what the model used)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    if device.type == "cpu":
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return int(peak if sys.platform == "darwin" else peak * 1024)
     return None
 
 

@@ -8,7 +8,13 @@ tensor plus one shard buffer (writers only). A 70B model exports like a 1B one.
 
 Collective: every rank calls `export_model_streaming` with the same arguments. With pipeline
 parallel across nodes, the export directory must be on storage every writer sees (the run's
-storage path)."""
+storage path).
+
+A LoRA engine (docs/lora.md) exports its adapter in peft's format instead: adapter_config.json
+(peft's LoraConfig, base_model_name_or_path = the model folder), adapter_model.safetensors (peft's
+key names, the adapters' training dtype) and the tokenizer, loadable with
+`PeftModel.from_pretrained(base_model, out_dir)`; `raytune-llama merge-lora` makes a merged model of
+it. Only the adapters are gathered (one at a time), never the frozen base."""
 from __future__ import annotations
 
 import json
@@ -66,13 +72,36 @@ def export_model_streaming(engine, model_path: str, tokenizer, out_dir: str | os
     """Write the engine's current weights as an HF model directory at out_dir (see module doc)."""
     from transformers import AutoConfig
 
-    from raytune_llama.engine.parallel.state import iter_full_tensors, is_export_writer
+    from raytune_llama.engine.parallel.state import iter_full_tensors
 
+    if getattr(engine, "lora", None) is not None:
+        return export_adapter_streaming(engine, model_path, tokenizer, out_dir)
     rank, world = rank_and_world()
     final = Path(out_dir)
     config = AutoConfig.from_pretrained(model_path)
     dtype = _export_dtype(config)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    def tensors():
+        for name, tensor in iter_full_tensors(engine):  # collective per tensor
+            if not (tied and name == "lm_head.weight"):
+                yield name, (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+
+    tmp, files = _write_parts(engine, final, tensors(), max_shard_bytes)
+    if rank == 0:
+        _finish(tmp, final, files, config, tokenizer, dtype)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def _write_parts(engine, final: Path, tensors, max_shard_bytes: int) -> tuple[Path, list]:
+    """Collective: the export's temporary folder next to `final`, and every writer's part files
+    (name, keys) gathered on rank 0 (other ranks: []). `tensors` yields (name, tensor) on every
+    rank (each step a collective); the export writers (one rank per pipeline stage) write theirs."""
+    from raytune_llama.engine.parallel.state import is_export_writer
+
+    rank, world = rank_and_world()
     tmp = final.parent / f".{final.name}.tmp-export"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,9 +109,9 @@ def export_model_streaming(engine, model_path: str, tokenizer, out_dir: str | os
     if world > 1:
         dist.barrier()
     writer = _ShardWriter(tmp, f"part-r{rank:05d}", max_shard_bytes) if is_export_writer(engine) else None
-    for name, tensor in iter_full_tensors(engine):  # collective per tensor
-        if writer is not None and not (tied and name == "lm_head.weight"):
-            writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+    for name, tensor in tensors:
+        if writer is not None:
+            writer.add(name, tensor)
         del tensor
     if writer is not None:
         writer.flush()
@@ -92,11 +121,7 @@ def export_model_streaming(engine, model_path: str, tokenizer, out_dir: str | os
         dist.gather_object(files, parts, dst=0)
     else:
         parts = [files]
-    if rank == 0:
-        _finish(tmp, final, [f for part in parts for f in part], config, tokenizer, dtype)
-    if world > 1:
-        dist.barrier()
-    return final
+    return tmp, ([f for part in parts for f in part] if rank == 0 else [])
 
 
 def _finish(tmp: Path, final: Path, files: list[tuple[str, list[str]]], config, tokenizer, dtype) -> None:
@@ -119,3 +144,46 @@ def _finish(tmp: Path, final: Path, files: list[tuple[str, list[str]]], config, 
     if tokenizer is not None:  # the one-line API's save_pretrained saves the model only, as HF's does
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, final)  # the previous export stays until the new one is in place
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def export_adapter_streaming(engine, model_path: str, tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Collective: write a LoRA engine's adapters in peft's format at out_dir (module doc). The
+    adapters are gathered one at a time and written by one rank per pipeline stage; rank 0 joins
+    the stages' parts into the one adapter_model.safetensors peft reads."""
+    from raytune_llama.engine.parallel.lora import peft_key
+    from raytune_llama.engine.parallel.state import iter_full_tensors
+
+    rank, world = rank_and_world()
+    final = Path(out_dir)
+    tensors = ((peft_key(name), t) for name, t in iter_full_tensors(engine, trainable_only=True))
+    # One part per writer: peft reads a single file, and adapters are small (docs/lora.md).
+    tmp, files = _write_parts(engine, final, tensors, 2**62)
+    if rank == 0:
+        write_peft_adapter(tmp, final, [name for name, _ in files], engine.lora, model_path, tokenizer)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def write_peft_adapter(tmp: Path, final: Path, part_files: list[str], lora, model_path: str, tokenizer) -> None:
+    """Join the parts in `tmp` into adapter_model.safetensors, add adapter_config.json (peft's
+    own LoraConfig.save_pretrained) and the tokenizer, then rename tmp into place."""
+    from safetensors.torch import load_file, save_file
+
+    from raytune_llama.engine.parallel.lora import peft_config
+
+    if len(part_files) == 1:
+        os.replace(tmp / part_files[0], tmp / ADAPTER_FILE)
+    else:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in part_files:
+            tensors.update(load_file(tmp / name))
+            (tmp / name).unlink()
+        save_file(dict(sorted(tensors.items())), str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+    peft_config(lora, base_model=str(model_path)).save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, final)

@@ -80,17 +80,23 @@ def _local_model_folder(model_path: str) -> Path:
 
 
 def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_decay: float,
-                 betas, max_grad_norm: float, mixed_precision: str | None, master_weights: str = "fp32"):
+                 betas, max_grad_norm: float, mixed_precision: str | None, master_weights: str = "fp32",
+                 lora: dict | None = None):
     """The model laid out per `plan` in a ParallelEngine, for every layout and backend without
     any rank holding the whole model in host memory: built on the meta device in the master
     dtype (fp32 by default, whatever dtype the checkpoint declares), then each rank allocates
     only what it keeps on its device and reads only those tensors or slices from the
-    safetensors files (DeepSpeed ZeRO-3: DeepSpeed's own partitioned construction)."""
+    safetensors files (DeepSpeed ZeRO-3: DeepSpeed's own partitioned construction).
+    lora (`train.lora`: r, alpha, dropout, target_modules): peft LoRA adapters in the master
+    dtype are trained on the frozen base, held in the compute dtype (docs/lora.md)."""
     from transformers import AutoConfig
 
     from raytune_llama.engine.parallel import ParallelEngine
+    from raytune_llama.engine.parallel.lora import check_lora_plan, lora_settings
     from raytune_llama.engine.parallel.sharded_load import meta_model
 
+    lora = lora_settings(lora)
+    check_lora_plan(plan, lora)  # before anything is read or built
     path = _local_model_folder(model_path)
     dtype = master_dtype(master_weights)
     if master_weights == "bf16" and plan.backend == "deepspeed":
@@ -109,4 +115,5 @@ def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_d
         dtype = master_dtype("bf16")
     model = meta_model(AutoConfig.from_pretrained(path), dtype=dtype)
     return ParallelEngine(model, plan, load_from=str(path), device=device_type, lr=lr, weight_decay=weight_decay,
-                          betas=tuple(betas), max_grad_norm=max_grad_norm or None, mixed_precision=compute)
+                          betas=tuple(betas), max_grad_norm=max_grad_norm or None, mixed_precision=compute,
+                          lora=lora)

@@ -126,9 +126,12 @@ class ParallelCausalLM(nn.Module):
         """Already on the worker's device (dtype is set by the plan's mixed precision)."""
         return self
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, position_ids=None,
+                **kwargs):
         """Forward + backward on this rank's rows; returns an output whose .loss / [0] is the
-        global token-mean loss (already back-propagated)."""
+        global token-mean loss (already back-propagated). position_ids that restart at 0 per
+        document (document packing, as get_dataset_shard yields them) keep attention inside
+        each document."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         evaluating = not torch.is_grad_enabled() or not self.training
@@ -137,23 +140,28 @@ class ParallelCausalLM(nn.Module):
                              "(the input ids with padding set to -100); without labels it returns logits "
                              "under torch.no_grad() or model.eval() only")
         _check_right_padding(attention_mask)
-        input_ids, labels = self._rows_of_this_rank(input_ids, labels, evaluating)
+        if position_ids is None:
+            position_ids = positions_of_served_batch(input_ids)
+        input_ids, labels, position_ids = self._rows_of_this_rank(input_ids, labels, evaluating, position_ids)
         if evaluating and labels is None:
             # As HF: no labels, logits (full vocabulary, this rank's rows; not under pipeline parallel).
-            return CausalLMOutputWithPast(logits=self.engine.logits(input_ids))
+            return CausalLMOutputWithPast(logits=self.engine.logits(input_ids, position_ids))
+        batch = {"input_ids": input_ids, "labels": labels}
+        if position_ids is not None:
+            batch["position_ids"] = position_ids
         if evaluating:
             # Evaluation: forward only, gradients and optimizer state untouched; the global
             # loss (logits: call without labels).
-            stats = self.engine.evaluate({"input_ids": input_ids, "labels": labels})
+            stats = self.engine.evaluate(batch)
             return CausalLMOutputWithPast(loss=torch.tensor(stats["loss"], device=self.engine.device))
         guard = type(self).step_guard
         with guard() if guard is not None else contextlib.nullcontext():
-            stats = self.engine.forward_backward({"input_ids": input_ids, "labels": labels})
+            stats = self.engine.forward_backward(batch)
         loss = torch.tensor(stats["loss"], device=self.engine.device, requires_grad=True)
         return CausalLMOutputWithPast(loss=loss)
 
 
-    def _rows_of_this_rank(self, input_ids, labels, evaluating: bool):
+    def _rows_of_this_rank(self, input_ids, labels, evaluating: bool, position_ids=None):
         """A loop may pass this dp rank's share of the global batch (raytune_llama.get_dataset_shard)
         or, from its own DataLoader iterated alike on every rank, the whole global batch: then
         this rank's contiguous share is taken. Training needs one of those two sizes."""
@@ -162,7 +170,7 @@ class ParallelCausalLM(nn.Module):
         rows = input_ids.shape[0]
         if engine.dp_size > 1 and rows == share * engine.dp_size:
             lo, hi = engine.dp_rank * share, (engine.dp_rank + 1) * share
-            return input_ids[lo:hi], None if labels is None else labels[lo:hi]
+            return tuple(None if t is None else t[lo:hi] for t in (input_ids, labels, position_ids))
         if rows != share and not (evaluating and plan.pp == 1):
             raise ValueError(
                 f"batch has {rows} rows; the plan ({plan.describe()}) takes {share * engine.dp_size} rows per step "
@@ -171,7 +179,26 @@ class ParallelCausalLM(nn.Module):
                 f"rank passes its own share (raytune_llama.get_dataset_shard); set the DataLoader's batch_size "
                 f"to {share * engine.dp_size} (drop_last=True), or plan for {rows}: "
                 f"enable_advanced_parallelization(global_batch_size={rows})")
-        return input_ids, labels
+        return input_ids, labels, position_ids
+
+
+_served: dict = {"input_ids": None, "position_ids": None}
+
+
+def serve_batch_positions(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor]) -> None:
+    """Remember the position ids of the batch raytune_llama.get_dataset_shard just yielded
+    (document packing), for a loop that passes only input_ids to the model."""
+    _served.update(input_ids=input_ids, position_ids=position_ids)
+
+
+def positions_of_served_batch(input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """The served batch's position ids when `input_ids` is that batch (the loop may have moved
+    it to the device): a plain loop written for one device keeps attention inside each packed
+    document without passing position_ids. None otherwise."""
+    served, positions = _served["input_ids"], _served["position_ids"]
+    if positions is None or served is None or served.shape != input_ids.shape:
+        return None
+    return positions if torch.equal(served, input_ids.detach().to(served.device)) else None
 
 
 def _shard_bytes(size) -> int:

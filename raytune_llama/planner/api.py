@@ -17,7 +17,7 @@ from raytune_llama.planner.errors import NoFeasiblePlanError, PlanError
 from raytune_llama.planner.memory_model import MemoryBreakdown, memory_breakdown, memory_limit
 from raytune_llama.planner.model_spec import ModelSpec, load_model
 from raytune_llama.planner.plan import ParallelPlan
-from raytune_llama.planner.rules import plan_violations
+from raytune_llama.planner.rules import LORA_DEEPSPEED, plan_violations
 from raytune_llama.planner.search import Candidate, fits_somewhere, search
 from raytune_llama.planner.time_model import TimeBreakdown, step_time
 from raytune_llama.planner.workload import Workload, as_workload
@@ -56,16 +56,14 @@ class PlanResult:
             "memory": explain.memory_dict(b.memory, self.limit, cap),
             "step_time_s": b.time.step_time, "tokens_per_s": b.time.tokens_per_s,
             "tokens_per_s_per_device": b.time.tokens_per_s_per_device, "mfu": b.time.mfu,
-            "time": explain.time_dict(b.time), "why": explain.why_chosen(b),
+            "time": explain.time_dict(b.time), "why": explain.why_chosen(b, self.workload),
             "alternatives": [{"plan": a.plan.to_dict(), "layout": a.plan.describe(),
                               "step_time_s": a.time.step_time, "tokens_per_s": a.time.tokens_per_s,
                               "mfu": a.time.mfu, "memory_per_device_bytes": int(a.memory.total),
                               "reason": explain.loss_reason(a, b)} for a in self.alternatives],
             "rejected": self.rejected,
             "model": self.model.to_dict(), "cluster": self.cluster.to_dict(),
-            "workload": {"global_batch": self.workload.global_batch, "seq_len": self.workload.seq_len,
-                         "optimizer": self.workload.optimizer, "compute_dtype": self.workload.compute_dtype,
-                         "headroom": self.workload.constraints.headroom},
+            "workload": explain.workload_dict(self.workload, self.model),
             "search": {"evaluated": self.evaluated, "elapsed_s": self.elapsed_s}, "notes": self.notes,
         }
 
@@ -86,11 +84,15 @@ class Estimate:
     reasons: list[str]
     limit: float
     capacity: float
+    workload: Workload | None = None
+    model: ModelSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready result (the `estimate --json` object)."""
         d: dict[str, Any] = {"layout": self.layout, "feasible": self.feasible, "reasons": self.reasons,
                              "plan": self.plan.to_dict() if self.plan else None}
+        if self.workload is not None and self.model is not None:
+            d["workload"] = explain.workload_dict(self.workload, self.model)
         if self.memory is not None and self.time is not None:
             d.update({"memory_per_device_bytes": int(self.memory.total),
                       "memory": explain.memory_dict(self.memory, self.limit, self.capacity),
@@ -294,12 +296,14 @@ def estimate(model: Any, cluster: Any = None, workload: Any = None,
     text = layout if isinstance(layout, str) else p.describe()
     reasons = plan_violations(m, c, w, p)
     limit, cap = memory_limit(c, w), c.hardware.memory_bytes
-    structural = [r for r in reasons if "world size" in r or "global batch" in r or ">= 1" in r]
+    # No prediction where the layout cannot run at all (DeepSpeed does not train LoRA adapters).
+    structural = [r for r in reasons if "world size" in r or "global batch" in r or ">= 1" in r
+                  or r == LORA_DEEPSPEED]
     if structural:
-        return Estimate(text, p, None, None, False, reasons, limit, cap)
+        return Estimate(text, p, None, None, False, reasons, limit, cap, w, m)
     mem = memory_breakdown(m, c, w, p)
     t = step_time(m, c, w, p)
     if mem.total > limit:
         reasons.append(f"out of memory by {(mem.total - limit) / GB:.1f} GB ({explain.gib(mem.total)} > "
                        f"{explain.gib(limit)}; dominant: {mem.dominant})")
-    return Estimate(text, p, mem, t, not reasons, reasons, limit, cap)
+    return Estimate(text, p, mem, t, not reasons, reasons, limit, cap, w, m)

@@ -110,7 +110,9 @@ def _cases(records: list[dict[str, Any]]) -> list[tuple]:
         model = load_model(rec["model"])
         # The run's precision: fp32 CPU runs (no autocast) must say compute_dtype "fp32".
         wl = make_workload(int(rec["global_batch"]), int(rec["seq_len"]), rec.get("optimizer", "adamw"), headroom=0.0,
-                           compute_dtype=rec.get("compute_dtype", "bf16"))
+                           compute_dtype=rec.get("compute_dtype", "bf16"), lora_rank=int(rec.get("lora_rank", 0)),
+                           lora_targets=rec.get("lora_targets"),
+                           attention_mask=rec.get("attention_mask", "causal"))
         cases.append((model, int(rec["nodes"]), int(rec["devices_per_node"]), wl, rec))
     return cases
 

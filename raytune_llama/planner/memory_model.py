@@ -24,6 +24,17 @@ Llama block with SDPA/flash attention (no s^2 term), no dropout, and checked aga
   full:      2sbh                      (only the layer input; the layer is re-run in backward)
 With tensor + sequence parallel the none/full terms divide by tp. Plus flash's fp32 logsumexp (4sba).
 
+LoRA (`Workload.lora_rank` > 0): the base weights are frozen in the compute dtype, sharded as the
+layout shards weights, with no gradients and no optimizer state; only the adapters (A [r, in],
+B [out, r] per targeted projection) keep master weights, gradients and AdamW moments
+(`_lora_states`). Activations are full fine-tuning's plus each adapter's [tokens, r] intermediate;
+selective recompute also saves each adapter's B output (a matmul output).
+
+Documents mask (`Workload.attention_mask == "documents"`): the boolean [b, 1, s, s] mask
+(b*s^2 bytes) lives through each in-flight micro-batch's forward and backward; SDPA converts it
+to an additive mask of the compute dtype inside every call, and HF repeats K/V to every head
+when a mask is given; both are saved for backward per layer (`attention_mask_bytes`).
+
 The peak is taken over the phases of a step (`PHASES`), each with the terms live then: the loss
 (all saved activations, the head's and the loss's buffers), the first layer's backward (saved
 activations, the layer being recomputed, gathered FSDP units) and the end of backward (every
@@ -92,6 +103,51 @@ def layer_activation_bytes(model: ModelSpec, seq_len: int, mbs: int, tp: int, re
     return (e * (8.0 * sb * h * rep + 4.0 * sb * h + 4.0 * sb * kv + 8.0 * sb * inter) + lse) / tp
 
 
+def lora_layer_activation_bytes(model: ModelSpec, seq_len: int, mbs: int, tp: int, recompute: str,
+                                rank: int, targets: tuple[str, ...], sequence_parallel: bool = True,
+                                dtype_bytes: int = 2) -> float:
+    """What LoRA adds to one decoder layer's saved activations per micro-batch per device: each
+    adapter's A output [tokens, r] (compute dtype; not divided by TP). Selective recompute saves
+    every matmul output, so also each adapter's B output [tokens, out]: a column-parallel
+    projection's /tp (its B is column-parallel), a row-parallel one's full size (B replicated),
+    on a sequence shard under sequence parallel (A's partial sums are reduce-scattered along the
+    sequence before B). Full recompute keeps only the layer input (nothing added)."""
+    if not rank or recompute == "full":
+        return 0.0
+    sb = seq_len * mbs
+    added = dtype_bytes * sb * rank * len(targets)
+    if recompute == "selective":
+        shapes = model.linear_shapes()
+        row_div = tp if sequence_parallel else 1
+        added += dtype_bytes * sb * sum(shapes[t][1] / (tp if shapes[t][2] == "col" else row_div) for t in targets)
+    return added
+
+
+def attention_mask_bytes(workload: Workload, plan: ParallelPlan, model: ModelSpec,
+                         stage: int) -> tuple[float, float, float]:
+    """Bytes the documents mask adds on one device of `stage` (all zero for a causal mask):
+    (boolean masks held, per-layer copies saved for backward, one layer's copies being made by
+    the layer being (re)computed).
+    * The boolean [b, 1, s, s] mask (1 byte per element; not split by TP: SDPA sees the full
+      sequence) is built once per forward of a stage (of each model chunk when interleaved) and
+      lives until that micro-batch's backward ends: one per in-flight micro-batch and chunk.
+    * Per layer, as measured on torch 2.13 / transformers 5.24 (docs/planner.md): SDPA converts a
+      boolean mask to an additive mask of the query's dtype inside every call (c*b*s^2) and saves
+      it for backward; and with a mask HF's SDPA attention repeats K and V to every query head
+      (GQA is left to SDPA only without a mask), which SDPA saves instead of the kv-head K and V:
+      2*c*s*b*(h - h_kv)/tp more. Without recompute every layer of every in-flight micro-batch
+      holds both; with selective or full recompute they are recomputed, one layer at a time."""
+    if workload.attention_mask != "documents":
+        return 0.0, 0.0, 0.0
+    b, s, c = float(plan.micro_batch_size), workload.seq_len, workload.compute_bytes
+    inflight = inflight_microbatches(plan, stage)
+    held = b * s * s * inflight * plan.virtual_stages
+    per_layer = c * b * s * s + 2.0 * c * s * b * (model.hidden_size - model.kv_dim) / plan.tp
+    if plan.recompute == "none":
+        return held, per_layer * stage_layers(model, plan) * inflight, 0.0
+    return held, 0.0, per_layer
+
+
 def stage_layers(model: ModelSpec, plan: ParallelPlan) -> int:
     """Decoder layers on the most loaded pipeline rank (uneven splits round up)."""
     chunks = plan.pp * plan.virtual_stages
@@ -133,6 +189,17 @@ class MemoryBreakdown:
     """How the engine holds the model states (one of STATE_FAMILIES)."""
     phase: str = ""
     """The moment of the step the terms are taken at (one of PHASES): the one with the highest total."""
+    frozen_base: float = 0.0
+    """LoRA: bytes of the frozen base weights inside `params` (sharded + kept-gathered copies;
+    ZeRO-3's in-flight gathered blocks stay in `fsdp_buffers`)."""
+    adapters: float = 0.0
+    """LoRA: bytes of the adapters inside params + grads + optimizer (weights, compute copies,
+    gradients, AdamW moments)."""
+    adapter_params_local: float = 0.0
+    """LoRA: adapter parameters held by this device's TP/PP slice before data-parallel sharding."""
+    attention_mask: float = 0.0
+    """Documents mask: bytes it adds inside `activations` (boolean masks, SDPA's additive copies
+    and the K/V repeated to every head; `attention_mask_bytes`)."""
 
     @property
     def total(self) -> float:
@@ -199,6 +266,11 @@ class ModelStateBytes:
     """In flight at the end of backward (the last unit's reduction), where it differs from `buffers`."""
     freed_by_end: float = 0.0
     """Part of `params` freed before the end of backward (ZeRO-3's root, resharded after its backward)."""
+    frozen: float = 0.0
+    """LoRA: part of `params` that is the frozen base (the rest of params, grads and optimizer are
+    the adapters')."""
+    adapters_local: float = 0.0
+    """LoRA: adapter parameters of this device's TP/PP slice before data-parallel sharding."""
 
     @property
     def total(self) -> float:
@@ -225,6 +297,14 @@ def state_family(plan: ParallelPlan) -> str:
     return f"fsdp_zero{plan.zero_stage}"
 
 
+def stage_adapter_params(model: ModelSpec, plan: ParallelPlan, workload: Workload) -> float:
+    """LoRA adapter parameters held by one device of the most loaded stage (after TP, before DP
+    sharding); adapters live only in decoder layers, so every stage holds the same."""
+    if not workload.lora:
+        return 0.0
+    return stage_layers(model, plan) * model.lora_layer_params(workload.lora_rank, workload.lora_targets, plan.tp)
+
+
 def model_state_bytes(model: ModelSpec, plan: ParallelPlan, workload: Workload, stage: int) -> ModelStateBytes:
     """Parameter, gradient, optimizer and gradient-buffer bytes one device of `stage` allocates."""
     psi = stage_params(model, plan, stage)
@@ -232,7 +312,10 @@ def model_state_bytes(model: ModelSpec, plan: ParallelPlan, workload: Workload, 
     c = workload.compute_bytes   # forward/backward dtype
     m = workload.master_bytes    # trained weights and AdamW moments (torch AdamW keeps state in the param dtype)
     if fam.startswith("deepspeed"):
+        # LoRA is refused with DeepSpeed (rules.plan_violations); these are full fine-tuning's states.
         return _deepspeed_states(model, plan, workload, psi, fam)
+    if workload.lora:
+        return _lora_states(model, plan, workload, stage, psi, fam)
     g = m  # gradient/reduce dtype: fp32 (MixedPrecisionPolicy reduce_dtype, or fp32 compute), bf16 for pure bf16
     opt = 2 * m * psi
     if fam in ("single", "ddp"):
@@ -267,6 +350,45 @@ def model_state_bytes(model: ModelSpec, plan: ParallelPlan, workload: Workload, 
     # accumulates unsharded gradients in the reduce dtype; the shards replace them unit by unit.
     grads = g * psi if accumulates else g * psi / d
     return ModelStateBytes(m * psi / d + c * psi, grads, opt / d, inflight_grad, 0.0, fam, psi)
+
+
+def _lora_states(model: ModelSpec, plan: ParallelPlan, workload: Workload, stage: int, psi: float,
+                 fam: str) -> ModelStateBytes:
+    """LoRA on the torch backend: the frozen base in the compute dtype, sharded by FSDP2 over
+    dp_shard as full fine-tuning's masters are, with no gradients and no optimizer state; its
+    unsharded compute copies exactly as full fine-tuning's (kept from forward to backward at ZeRO
+    1/2, under replicate and under pipelining; only the root kept at ZeRO-3). The adapters follow
+    full fine-tuning's rules for the trained parameters: master dtype weights, gradients and AdamW
+    moments (16 B/param with adamw), compute-dtype copies, unit gradients in flight."""
+    c, m = workload.compute_bytes, workload.master_bytes
+    g = m
+    a = stage_adapter_params(model, plan, workload)
+    nl = stage_layers(model, plan)
+    a_layer = a / nl if nl else 0.0
+    opt = 2 * m * a
+    if fam in ("single", "ddp"):
+        # The base is already in the compute dtype (autocast casts nothing); fp32 adapters under
+        # bf16 autocast keep their bf16 casts for the step. DDP buckets only trained gradients.
+        cache = 2.0 * a if (m == FP32 and c == 2) else 0.0
+        comm = g * a if fam == "ddp" else 0.0
+        return ModelStateBytes(c * psi + m * a + cache, g * a, opt, 0.0, comm, fam, psi,
+                               frozen=c * psi, adapters_local=a)
+    d = plan.dp_shard if fam != "replicate" else 1
+    layer = model.layer_params / plan.tp
+    root = psi - nl * layer
+    # one layer's adapter grads + their reduce-scatter input (the root trains nothing)
+    inflight_grad = (c + g) * a_layer
+    if fam == "fsdp_zero3":
+        gathered = min(2, nl) * c * (layer + a_layer)
+        frozen = c * psi / d + c * root
+        return ModelStateBytes(frozen + m * a / d, g * a / d, opt / d, gathered + inflight_grad, 0.0, fam, psi,
+                               backward_buffers=gathered + inflight_grad, end_buffers=0.0, freed_by_end=c * root,
+                               frozen=frozen, adapters_local=a)
+    accumulates = fam in ("fsdp_pp", "replicate") or (fam == "fsdp_zero1" and plan.grad_accum > 1)
+    grads = g * a if accumulates else g * a / d
+    frozen = c * psi / d + c * psi
+    return ModelStateBytes(frozen + m * a / d + c * a, grads, opt / d, inflight_grad, 0.0, fam, psi,
+                           frozen=frozen, adapters_local=a)
 
 
 def _deepspeed_states(model: ModelSpec, plan: ParallelPlan, workload: Workload, psi: float,
@@ -335,10 +457,19 @@ def stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, pla
     c = workload.compute_bytes
     s, b = workload.seq_len, plan.micro_batch_size
     sp = plan.sequence_parallel
-    per_layer = layer_activation_bytes(model, s, b, plan.tp, plan.recompute, sp, c)
-    working = layer_activation_bytes(model, s, b, plan.tp, "none", sp, c)  # the layer being (re)computed
+    r, targets = workload.lora_rank, workload.lora_targets
+    per_layer = (layer_activation_bytes(model, s, b, plan.tp, plan.recompute, sp, c)
+                 + lora_layer_activation_bytes(model, s, b, plan.tp, plan.recompute, r, targets, sp, c))
+    # the layer being (re)computed
+    working = (layer_activation_bytes(model, s, b, plan.tp, "none", sp, c)
+               + lora_layer_activation_bytes(model, s, b, plan.tp, "none", r, targets, sp, c))
     saved = per_layer * stage_layers(model, plan) * inflight_microbatches(plan, stage) * hw.activation_scale
     working *= hw.activation_scale
+    # The documents mask's bytes are exact (not scaled): masks held + the per-layer copies saved
+    # for backward, or those of the layer being (re)computed.
+    mask_held, mask_saved, mask_working = attention_mask_bytes(workload, plan, model, stage)
+    saved += mask_held + mask_saved
+    working += mask_working
     last = stage == plan.pp - 1
     loss = 0.0
     if last:
@@ -367,8 +498,12 @@ def stage_memory(model: ModelSpec, cluster: ClusterSpec, workload: Workload, pla
     phase = max(phases, key=lambda k: sum(phases[k]))
     freed, grads, buffers, acts, logits = phases[phase]
     frag = hw.fragmentation * (acts + logits + buffers)
+    mask = (mask_held + mask_saved + (mask_working if phase == "backward" else 0.0)) if acts else 0.0
+    frozen = st.frozen + freed if workload.lora else 0.0
+    adapters = (st.params + freed - frozen + grads + st.optimizer) if workload.lora else 0.0
     return MemoryBreakdown(st.params + freed, grads, st.optimizer, buffers, acts, logits, comm,
-                           hw.runtime_reserved_bytes, frag, stage, st.params_local, st.family, phase)
+                           hw.runtime_reserved_bytes, frag, stage, st.params_local, st.family, phase,
+                           frozen, adapters, st.adapters_local, mask)
 
 
 def memory_limit(cluster: ClusterSpec, workload: Workload) -> float:

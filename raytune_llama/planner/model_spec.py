@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from raytune_llama.lora_settings import ALL_LINEAR
 from raytune_llama.planner.errors import PlanError
 
 REGISTRY_DIR = Path(__file__).with_name("registry")
@@ -89,9 +90,47 @@ class ModelSpec:
         convention of docs/planner.md (MFU)."""
         return self.num_layers * self.layer_params + self.hidden_size + self.vocab_size * self.hidden_size
 
-    def model_flops_per_token(self, seq_len: int) -> float:
-        """Training model FLOPs per token: 6*N_nonembedding + 12*L*d*s (PaLM appendix B)."""
-        return 6.0 * self.n_nonembedding + 12.0 * self.num_layers * self.hidden_size * seq_len
+    def linear_shapes(self) -> dict[str, tuple[int, int, str]]:
+        """Each linear projection of a decoder layer: name -> (in_features, out_features, how TP
+        splits it: "col" divides the output, "row" the input)."""
+        h, kv, inter = self.hidden_size, self.kv_dim, self.intermediate_size
+        return {"q_proj": (h, h, "col"), "k_proj": (h, kv, "col"), "v_proj": (h, kv, "col"),
+                "o_proj": (h, h, "row"), "gate_proj": (h, inter, "col"), "up_proj": (h, inter, "col"),
+                "down_proj": (inter, h, "row")}
+
+    def lora_layer_params(self, rank: int, targets: tuple[str, ...] = ALL_LINEAR, tp: int = 1) -> float:
+        """LoRA adapter parameters of one decoder layer held by one TP rank: for each targeted
+        W [out, in], A [r, in] and B [out, r]. Under TP a column-parallel W's A is replicated and
+        its B split with W's output; a row-parallel W's A is split with W's input and its B replicated."""
+        total = 0.0
+        for name in targets:
+            fan_in, fan_out, split = self.linear_shapes()[name]
+            total += rank * (fan_in + fan_out / tp) if split == "col" else rank * (fan_in / tp + fan_out)
+        return total
+
+    def lora_params(self, rank: int, targets: tuple[str, ...] = ALL_LINEAR) -> int:
+        """Trainable LoRA adapter parameters of the whole model (0 for rank 0): r * (in + out)
+        summed over the targeted projections of every layer, e.g. llama3-8b r=16 all linear
+        41,943,040."""
+        return int(self.num_layers * self.lora_layer_params(rank, targets)) if rank else 0
+
+    def model_flops_per_token(self, seq_len: int, lora_rank: int = 0,
+                              lora_targets: tuple[str, ...] = ALL_LINEAR) -> float:
+        """Training model FLOPs per token: 6*N_nonembedding + 12*L*d*s (PaLM appendix B). With
+        LoRA (lora_rank > 0) the frozen weights need no weight gradients: forward 2N + input
+        gradients 2N, plus 6 per adapter parameter; attention keeps its 12*L*d*s (its backward
+        still computes dQ, dK, dV)."""
+        attention = 12.0 * self.num_layers * self.hidden_size * seq_len
+        if lora_rank:
+            return 4.0 * self.n_nonembedding + 6.0 * self.lora_params(lora_rank, lora_targets) + attention
+        return 6.0 * self.n_nonembedding + attention
+
+    def forward_flops_per_token(self, seq_len: int, lora_rank: int = 0,
+                                lora_targets: tuple[str, ...] = ALL_LINEAR) -> float:
+        """Forward-only model FLOPs per token (what full recompute runs again): 2N (+2 per adapter
+        parameter) + 4*L*d*s."""
+        return (2.0 * self.n_nonembedding + 2.0 * self.lora_params(lora_rank, lora_targets)
+                + 4.0 * self.num_layers * self.hidden_size * seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict summary (JSON-ready)."""

@@ -6,6 +6,9 @@ from raytune_llama.planner.model_spec import ModelSpec
 from raytune_llama.planner.plan import BACKENDS, PP_SCHEDULES, RECOMPUTE_MODES, ParallelPlan
 from raytune_llama.planner.workload import Workload
 
+LORA_DEEPSPEED = ("backend=deepspeed cannot train LoRA adapters (train.lora): the engine refuses that "
+                  "combination; use backend=torch")
+
 
 def tp_violation(model: ModelSpec, cluster: ClusterSpec, tp: int) -> str | None:
     """Why this TP degree is illegal, or None (crossing nodes is reported first)."""
@@ -60,6 +63,8 @@ def plan_violations(model: ModelSpec, cluster: ClusterSpec, workload: Workload, 
             out.append("optimizer offload needs backend=deepspeed")
         if plan.zero_stage == 0:
             out.append("optimizer offload needs zero_stage >= 1")
+    if plan.backend == "deepspeed" and workload.lora:
+        out.append(LORA_DEEPSPEED)
     if plan.backend == "deepspeed" and (plan.tp > 1 or plan.pp > 1):
         out.append(f"backend=deepspeed is planned for ZeRO data parallel only (tp={plan.tp}, pp={plan.pp} must be 1)")
     c = workload.constraints

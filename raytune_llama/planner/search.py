@@ -93,9 +93,11 @@ def degree_options(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
 
 
 def shard_options(cluster: ClusterSpec, workload: Workload, tp: int, pp: int, dp: int) -> list[tuple[int, int, int, bool, str]]:
-    """(dp_replicate, dp_shard, zero_stage, offload, backend) choices for one degree triple."""
+    """(dp_replicate, dp_shard, zero_stage, offload, backend) choices for one degree triple; no
+    DeepSpeed layout for LoRA (the engine refuses it)."""
     opts: list[tuple[int, int, int, bool, str]] = []
     c = workload.constraints
+    deepspeed_ok = not workload.lora
     if c.backend != "deepspeed":
         opts.append((dp, 1, 0, False, "torch"))
     if dp == 1:
@@ -106,7 +108,7 @@ def shard_options(cluster: ClusterSpec, workload: Workload, tp: int, pp: int, dp
         for z in (1, 2, 3):
             if c.backend != "deepspeed":
                 opts.append((dp // d, d, z, False, "torch"))
-            if tp == 1 and pp == 1 and d == dp:
+            if tp == 1 and pp == 1 and d == dp and deepspeed_ok:
                 if c.backend == "deepspeed":
                     opts.append((1, d, z, False, "deepspeed"))
                 if c.allow_offload and c.backend in (None, "deepspeed"):

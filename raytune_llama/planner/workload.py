@@ -1,10 +1,13 @@
 """Workload: what one optimizer step must process (global batch x sequence length), the precision
-(optimizer = master dtype, compute dtype) and the user's constraints on the layout."""
+(optimizer = master dtype, compute dtype), what trains (every weight, or LoRA adapters on a frozen
+base), the attention mask (causal, or block-diagonal per packed document) and the user's
+constraints on the layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from raytune_llama.lora_settings import ALL_LINEAR
 from raytune_llama.planner.errors import PlanError
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
@@ -14,6 +17,11 @@ OPTIMIZERS = {
     "adamw_bf16": "bf16",   # pure bf16: weights, grads and moments all bf16, computed in bf16
 }
 COMPUTE_DTYPES = ("bf16", "fp32")
+ATTENTION_MASKS = ("causal", "documents")
+"""causal: SDPA's is_causal kernel; documents: an explicit block-diagonal causal boolean mask
+[micro_batch, 1, seq, seq] (data.packing: documents)."""
+PACKING_TO_MASK = {"documents": "documents", "naive": "causal", "none": "causal"}
+"""data.packing (and `plan --packing`) -> the attention mask the engine runs."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,18 @@ class Workload:
     constraints: Constraints = field(default_factory=Constraints)
     compute_dtype: str = "bf16"
     """Forward/backward dtype: bf16 (accelerators) | fp32 (CPU runs: no autocast)."""
+    lora_rank: int = 0
+    """LoRA adapter rank (train.lora.r); 0 = full fine-tuning. With LoRA the base weights are
+    frozen in the compute dtype and only the adapters have master weights, gradients and moments."""
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    """Linear projections of each decoder layer that get adapters (train.lora.target_modules)."""
+    attention_mask: str = "causal"
+    """causal | documents (block-diagonal causal mask of packed documents, data.packing: documents)."""
+
+    @property
+    def lora(self) -> bool:
+        """Whether this is a LoRA run (frozen base, trained adapters)."""
+        return self.lora_rank > 0
 
     @property
     def master_bytes(self) -> int:
@@ -62,7 +82,9 @@ def _pos_int(field_name: str, value: Any, flag: str) -> int:
 def make_workload(global_batch: int, seq_len: int, optimizer: str = "adamw", tp: int | None = None,
                   pp: int | None = None, allow_offload: bool = True, headroom: float = 0.05,
                   recompute: str | None = None, backend: str | None = None,
-                  compute_dtype: str = "bf16") -> Workload:
+                  compute_dtype: str = "bf16", lora_rank: int = 0,
+                  lora_targets: "str | Sequence[str] | None" = None,
+                  attention_mask: str = "causal") -> Workload:
     """Validate and build a Workload; every error names the flag to fix."""
     _pos_int("global_batch", global_batch, "--global-batch")
     _pos_int("seq_len", seq_len, "--seq-len")
@@ -89,8 +111,34 @@ def make_workload(global_batch: int, seq_len: int, optimizer: str = "adamw", tp:
         raise PlanError("recompute", recompute, "unknown mode", "use none | selective | full")
     if backend is not None and backend not in ("torch", "deepspeed"):
         raise PlanError("backend", backend, "unknown backend", "use torch | deepspeed")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 0:
+        raise PlanError("lora_rank", lora_rank, "must be an integer >= 0 (0: full fine-tuning)",
+                        "pass --lora-rank 16 (train.lora.r), or leave it out for full fine-tuning")
+    targets = _lora_targets(lora_targets)
+    if lora_rank and backend == "deepspeed":
+        raise PlanError("backend", backend, "the engine runs LoRA (train.lora) on the torch backend only",
+                        "pass --backend torch (or leave --backend out) with --lora-rank")
+    if attention_mask not in ATTENTION_MASKS:
+        raise PlanError("attention_mask", attention_mask, "unknown attention mask",
+                        "use causal | documents (plan --packing documents|naive|none)")
     return Workload(global_batch, seq_len, optimizer,
-                    Constraints(tp, pp, bool(allow_offload), float(headroom), recompute, backend), compute_dtype)
+                    Constraints(tp, pp, bool(allow_offload), float(headroom), recompute, backend), compute_dtype,
+                    lora_rank, targets, attention_mask)
+
+
+def _lora_targets(value: "str | Sequence[str] | None") -> tuple[str, ...]:
+    """Targets as a tuple in ALL_LINEAR order (a comma-separated string is accepted)."""
+    if value is None:
+        return ALL_LINEAR
+    names = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise PlanError("lora_targets", value, "must name at least one linear projection",
+                        f"pass --lora-targets {','.join(ALL_LINEAR)} (or a subset)")
+    unknown = sorted(set(names) - set(ALL_LINEAR))
+    if unknown:
+        raise PlanError("lora_targets", value, f"{unknown} are not linear layers of a Llama decoder layer",
+                        f"choose from {','.join(ALL_LINEAR)}")
+    return tuple(t for t in ALL_LINEAR if t in names)
 
 
 def as_workload(workload: "Workload | Mapping[str, Any] | None" = None, **kwargs: Any) -> Workload:

@@ -16,10 +16,22 @@ from raytune_llama.engine.data.order import SampleOrder
 from raytune_llama.engine.data.store import TokenStore
 
 
+MODEL_INPUTS = ("input_ids", "labels", "position_ids")
+
+
+def model_inputs(rows: dict[str, np.ndarray]) -> dict:
+    """The tensors a model step takes from a batch's rows: input_ids, labels and, under
+    document packing, position_ids (int64 torch tensors)."""
+    import torch
+
+    return {k: torch.from_numpy(rows[k]).long() for k in MODEL_INPUTS if k in rows}
+
+
 @dataclass
 class RankBatch:
     rows: dict[str, np.ndarray]
-    """input_ids, labels, num_tokens (and doc_ids) of this dp rank's rows."""
+    """input_ids, labels, num_tokens (position_ids under document packing, doc_ids with
+    data.id_column) of this dp rank's rows."""
     global_tokens: int
     """Real (non-padding) tokens of the whole global batch, for throughput and MFU."""
     epoch: int

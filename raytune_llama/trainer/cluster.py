@@ -22,8 +22,11 @@ def local_num_cpus(num_workers: int, cpus_per_worker: float, requested: Optional
     return max(4, math.ceil(num_workers * cpus_per_worker) + 2)
 
 
-def connect(address: Optional[str], num_cpus: int) -> bool:
-    """Initialise Ray; returns True when this call started a local cluster (caller shuts it down)."""
+def connect(address: Optional[str], num_cpus: int, with_dashboard: bool = False) -> bool:
+    """Initialise Ray; returns True when this call started a local cluster (caller shuts it down).
+    with_dashboard: a local cluster also runs the dashboard (on 127.0.0.1), whose state API Ray
+    Train's placement-group cleaner needs to free the workers of a run whose driver was killed
+    (a Tune trial stopped early: `raytune-llama sweep`)."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", FAST_HEALTH_CHECK_S)
@@ -37,7 +40,8 @@ def connect(address: Optional[str], num_cpus: int) -> bool:
     log.info("starting a local Ray cluster with %d logical CPUs", num_cpus)
     ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=with_dashboard,
+        dashboard_host="127.0.0.1",
         _temp_dir=LOCAL_TEMP_DIR,
         log_to_driver=True,
         configure_logging=False,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from raytune_llama.config import DataConfig
-from raytune_llama.config_checks import resolve_format
+from raytune_llama.config_checks import needed_columns, resolve_reader
 from raytune_llama.engine.data.order import SampleOrder, chunk_order
 from raytune_llama.engine.data.sources import SourceError, list_chunks
 from raytune_llama.engine.data.store import (
@@ -55,23 +55,53 @@ def store_root(data: DataConfig, storage_path: str) -> Path:
     return Path(data.store_dir) if data.store_dir else Path(storage_path) / "token_store"
 
 
-def open_token_store(cfg: DataConfig, tokenizer_path: str, root: str | Path) -> TokenStore:
-    """List the corpus's chunks and open (or create) the store for this content, tokenizer and
-    seq_len. Errors (a missing column, an unreadable Parquet footer, no data) name the field."""
+def open_token_store(cfg: DataConfig, tokenizer_path: str, root: str | Path,
+                     path: Optional[str] = None) -> TokenStore:
+    """List the corpus's chunks and open (or create) the store for this content, tokenizer,
+    seq_len, row format and packing. Errors (a missing column, an unreadable Parquet footer, no
+    data, a chat format without a chat template) name the field. `path` (data.eval_path) opens
+    the store of another corpus read the same way, with nothing held out of it."""
+    from raytune_llama.engine.data.sft import has_chat_template
     from raytune_llama.engine.tokenizer_build import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)  # once, on the driver: the special-token ids
-    fmt = resolve_format(cfg.path, cfg.format)
-    chunks, content = list_chunks(cfg.path, fmt, max(1, int(cfg.chunk_mb * 2**20)), split=cfg.hf_split,
-                                  streaming=cfg.hf_streaming,
-                                  columns=(("text_column", cfg.text_column), ("id_column", cfg.id_column)))
+    if cfg.row_format == "chat" and not has_chat_template(tok, cfg.chat_template):
+        raise ValueError(f"data.chat_template: the tokenizer at {tokenizer_path} has no chat template, which "
+                         f"data.format: chat needs; set data.chat_template to a Jinja chat template, or use a "
+                         f"tokenizer that has one (e.g. an -Instruct model's)")
+    source = path or cfg.path
+    fmt = resolve_reader(source, cfg.file_reader)
+    chunks, content = list_chunks(source, fmt, max(1, int(cfg.chunk_mb * 2**20)), split=cfg.hf_split,
+                                  streaming=cfg.hf_streaming, columns=tuple(needed_columns(cfg) + [("id_column", cfg.id_column)]))
     if not chunks:
-        raise ValueError(f"data.path: {cfg.path!r} produced no training sequences (empty dataset)")
+        raise ValueError(f"data.{'eval_path' if path else 'path'}: {source!r} produced no training sequences "
+                         f"(empty dataset)")
     spec = {"version": STORE_VERSION, "format": fmt, "content": content, "tokenizer": tokenizer_digest(tokenizer_path),
             "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "seq_len": cfg.seq_len,
             "text_column": cfg.text_column, "id_column": cfg.id_column, "chunk_mb": cfg.chunk_mb,
-            "tokenize_batch_size": cfg.tokenize_batch_size}
+            "tokenize_batch_size": cfg.tokenize_batch_size, "packing": cfg.packing, "row_format": cfg.row_format,
+            "eval_fraction": 0.0 if path else float(cfg.eval_fraction)}
+    if cfg.row_format != "text":
+        spec["train_on_prompt"] = bool(cfg.train_on_prompt)
+    if cfg.row_format == "chat":
+        spec.update(messages_column=cfg.messages_column, chat_template=cfg.chat_template)
+    if cfg.row_format == "instruction":
+        spec.update(prompt_template=cfg.prompt_template, response_column=cfg.response_column)
     return TokenStore(create_store(root, spec, chunks))
+
+
+def open_eval_data(cfg: DataConfig, tokenizer_path: str, train: TokenStore, storage_path: str,
+                   cpus_free: float) -> tuple[Optional[dict], Optional["StoreBuilder"]]:
+    """The validation data of a run, as the workers open it ({"path", "part"}: evaluation.py),
+    and the builder of its own store for data.eval_path (started; None otherwise).
+    data.eval_fraction: the held-out part of the training store itself."""
+    if cfg.eval_path is not None:
+        store = open_token_store(cfg, tokenizer_path, store_root(cfg, storage_path), path=cfg.eval_path)
+        builder = StoreBuilder(store, tokenizer_path, cfg.shuffle_seed, cfg.shuffle, cpus_free).start()
+        return {"path": str(store.path), "part": "train"}, builder
+    if cfg.eval_fraction:
+        return {"path": str(train.path), "part": "eval"}, None
+    return None, None
 
 
 def _build_task(row: dict, *, store: str, tokenizer_path: str) -> dict:

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 class LlamaTrainer:
     """Fine-tunes the configured model on the configured data with Ray Train."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, callbacks: list | None = None):
+        """callbacks: Ray Train callbacks of the run (e.g. the one that forwards its reports to
+        a Ray Tune trial: trainer/tune_trials.py)."""
         self.config = absolutize(config.validate())
+        self.callbacks = list(callbacks or [])
 
     def _check_resume_policy(self) -> None:
         cfg = self.config
@@ -62,10 +65,12 @@ class LlamaTrainer:
         from raytune_llama.trainer.data_pipeline import (
             StoreBuilder,
             dataset_info,
+            open_eval_data,
             open_token_store,
             store_root,
             wait_for_first_batch,
         )
+        from raytune_llama.trainer.trackers import open_trackers
         from raytune_llama.trainer.planning import elastic_world_sizes, make_run_plan
         from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
         from raytune_llama.trainer.user_loop import guard_user_loop, user_loop_env
@@ -74,7 +79,7 @@ class LlamaTrainer:
         self._check_resume_policy()
         started = time.time()
         p = cfg.parallel
-        builder = None
+        builder = eval_builder = None
         own_cluster = cluster.connect(
             cfg.run.address, cluster.local_num_cpus(p.num_workers, p.cpus_per_worker, cfg.run.local_num_cpus)
         )
@@ -105,6 +110,8 @@ class LlamaTrainer:
                 builder = StoreBuilder(store, tokenizer_path, d.shuffle_seed, d.shuffle,
                                        cpus_free=ray.cluster_resources().get("CPU", 0) - reserved).start()
                 wait_for_first_batch(store, d, cfg.train.global_batch_size)
+                eval_store, eval_builder = open_eval_data(d, tokenizer_path, store, cfg.run.storage_path,
+                                                          cpus_free=ray.cluster_resources().get("CPU", 0) - reserved)
             except ValueError as exc:  # an empty dataset, a column that is not there, an unreadable file
                 raise ConfigError([str(exc)]) from exc
             info = dataset_info(store, d)
@@ -117,14 +124,18 @@ class LlamaTrainer:
             # every step record the run summary is built from.
             board = ProgressBoard.options(name=board_name, scheduling_strategy=NodeAffinitySchedulingStrategy(
                 ray.get_runtime_context().get_node_id(), soft=False)).remote()
+            trackers = open_trackers(cfg.run.trackers, cfg.run_dir, cfg.run.name, cfg.to_dict()) \
+                if cfg.run.trackers else None
             printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(
-                recs, dataset_info(store, d), started, perf)).start()
+                recs, dataset_info(store, d), started, perf),
+                on_record=trackers.record if trackers is not None else None).start()
             env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
             env.update(chaos.forwarded_env())  # fault injection (RAYTUNE_LLAMA_STALL) set on the driver
             if user_args is None:
                 loop_config = {
                     "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
                     "export_path": str(cfg.export_path), "token_store": info.store_path,
+                    "eval_store": eval_store,
                     "progress_board": board, "performance": perf, "plan": run_plan.plan.to_dict(),
                     "cluster": run_plan.cluster.to_dict(),  # what the plan assumed; the workers check it
                 }
@@ -146,8 +157,11 @@ class LlamaTrainer:
                 run_config=RunConfig(
                     name=cfg.run.name, storage_path=cfg.run.storage_path,
                     failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                    checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+                    # keep_best: the run prunes itself (trainer/checkpoint_retention.py)
+                    checkpoint_config=CheckpointConfig(
+                        num_to_keep=None if cfg.checkpoint.keep_best else cfg.checkpoint.keep_last),
                     logging_config=LoggingConfig(log_level="WARNING"),
+                    callbacks=self.callbacks or None,
                     worker_runtime_env={"env_vars": env} if env else None,
                 ),
             )
@@ -158,9 +172,12 @@ class LlamaTrainer:
                 ray.kill(board)
             summary = self._summary(records, result, dataset_info(store, d), time.time() - started)
             summary["layout"] = _layout_run(summary, perf)
+            if trackers is not None:
+                trackers.finish(summary)
         finally:
-            if builder is not None:
-                builder.stop()  # chunks not built yet are built by the next run that needs them
+            for b in (builder, eval_builder):
+                if b is not None:
+                    b.stop()  # chunks not built yet are built by the next run that needs them
             if own_cluster:
                 ray.shutdown()
         write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, step_records(records)))
@@ -217,7 +234,28 @@ class LlamaTrainer:
                        for e in stall_events(all_records)],
             "losses": [r["loss"] for r in records],
             "steps": [r["step"] for r in records],
+            **eval_summary(records, cfg.run_dir),
         }
+
+
+def perplexity(record: dict) -> float:
+    """exp(eval_loss) of a step record (a user's loop may log eval_loss alone)."""
+    import math
+
+    return record.get("eval_perplexity") or math.exp(min(record["eval_loss"], 700.0))
+
+
+def eval_summary(records: list[dict], run_dir) -> dict:
+    """The validation results of a run's step records: the last eval loss, its history, and
+    the best checkpoint kept by checkpoint.keep_best."""
+    from raytune_llama.trainer.checkpoint_retention import best_checkpoint
+
+    evals = [r for r in records if "eval_loss" in r]
+    if not evals:
+        return {}
+    return {"eval_loss": evals[-1]["eval_loss"], "eval_perplexity": perplexity(evals[-1]),
+            "eval_losses": [r["eval_loss"] for r in evals], "eval_steps": [r["step"] for r in evals],
+            "best_eval_loss": min(r["eval_loss"] for r in evals), "best_checkpoint": best_checkpoint(run_dir)}
 
 
 def _describe_data(info, building: int) -> str:
@@ -253,6 +291,11 @@ def format_summary(summary: dict) -> str:
         + (f", MFU {summary['mean_mfu']:.2%}" if summary.get("mean_mfu") is not None else ""),
         f"  checkpoint {summary['checkpoint']}",
     ]
+    if summary.get("eval_loss") is not None:
+        lines.append(f"  eval loss {summary['eval_loss']:.4f} (perplexity {summary['eval_perplexity']:.2f}) at step "
+                     f"{summary['eval_steps'][-1]}" + (f"; best checkpoint {summary['best_checkpoint']['path']} "
+                                                       f"(eval loss {summary['best_checkpoint']['eval_loss']:.4f})"
+                                                       if summary.get("best_checkpoint") else ""))
     if summary.get("export_path"):
         lines.append(f"  exported model {summary['export_path']}")
     for stall in summary.get("stalls") or []:

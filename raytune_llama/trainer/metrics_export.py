@@ -42,6 +42,9 @@ METRICS: dict[str, MetricSpec] = {
     for spec in (
         MetricSpec("raytune_step", "gauge", "Optimizer step just finished.", "none", "step"),
         MetricSpec("raytune_loss", "gauge", "Training loss of the step (mean over non-padding tokens).", "none", "loss"),
+        MetricSpec("raytune_eval_loss", "gauge", "Validation loss (token mean over the held-out rows), at the "
+                   "steps that evaluate.", "none", "eval_loss"),
+        MetricSpec("raytune_eval_perplexity", "gauge", "exp(validation loss).", "none", "eval_perplexity"),
         MetricSpec("raytune_learning_rate", "gauge", "Learning rate used for the step.", "none", "lr"),
         MetricSpec("raytune_grad_norm", "gauge", "Gradient norm before clipping.", "none", "grad_norm"),
         MetricSpec("raytune_step_time_seconds", "gauge", "Measured wall time of the step (device synchronized).",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from raytune_llama.config import Config, ConfigError
+from raytune_llama.lora_settings import LoraSettings
 from raytune_llama.planner.api import estimate, plan
 from raytune_llama.planner.cluster import (
     hardware_from_ray_nodes,
@@ -66,7 +67,7 @@ class RunPlan:
     model_flops_per_token: Optional[float]
     predicted_step_time_s: Optional[float]
     predicted_memory_bytes: Optional[int]
-    source: str  # "planner" | "parallel.layout"
+    source: str  # "planner" | "parallel.layout" | "parallel.layout: measured"
     cluster: Topology
 
     def performance(self) -> dict:
@@ -127,13 +128,36 @@ def compute_dtype(mixed_precision: str, accelerator: bool) -> str:
 def run_workload(cfg: Config) -> dict:
     """The planner's workload for this run, with the precision the engine trains in: fp32
     masters and AdamW moments (optimizer "adamw"), or pure bf16 (parallel.master_weights: bf16,
-    "adamw_bf16", torch backend only: DeepSpeed's bf16 mode always keeps fp32 masters)."""
+    "adamw_bf16", torch backend only: DeepSpeed's bf16 mode always keeps fp32 masters); what
+    trains (train.lora: LoRA adapters on a frozen base, torch backend only) and the attention
+    mask (data.packing: documents restricts attention to each document with an explicit mask)."""
     p = cfg.parallel
+    lora = lora_settings(cfg)
     workload = {"seq_len": cfg.data.seq_len, "global_batch": cfg.train.global_batch_size,
-                "compute_dtype": compute_dtype(p.mixed_precision, p.use_gpu)}
+                "compute_dtype": compute_dtype(p.mixed_precision, p.use_gpu),
+                "lora_rank": lora.r if lora else 0,
+                "lora_targets": lora.target_modules if lora else None,
+                "attention_mask": "documents" if cfg.data.packing == "documents" else "causal"}
     if p.master_weights == "bf16":
         workload.update(optimizer="adamw_bf16", compute_dtype="bf16", backend="torch")
     return workload
+
+
+def lora_settings(cfg: Config) -> Optional[LoraSettings]:
+    """train.lora checked (None without LoRA); a bad value is a ConfigError naming the key."""
+    try:
+        return LoraSettings.from_dict(cfg.train.lora)
+    except ValueError as exc:
+        raise ConfigError([str(exc)]) from exc
+
+
+def model_flops_per_token(spec: ModelSpec, cfg: Config) -> float:
+    """Model FLOPs per trained token for the run's MFU, counted as the planner counts them
+    (LoRA: 4N + 6 N_adapters + 12 L d s instead of 6N + 12 L d s; docs/planner.md)."""
+    lora = lora_settings(cfg)
+    if lora is None:
+        return spec.model_flops_per_token(cfg.data.seq_len)
+    return spec.model_flops_per_token(cfg.data.seq_len, lora.r, lora.target_modules)
 
 
 def make_run_plan(cfg: Config, model_path: str, ray_nodes: Optional[RayNodes] = None, *,
@@ -146,20 +170,62 @@ def make_run_plan(cfg: Config, model_path: str, ray_nodes: Optional[RayNodes] = 
     cluster = topology.to_dict()
     workload = run_workload(cfg)
     layout = cfg.parallel.layout
+    source = "parallel.layout"
+    if isinstance(layout, str) and layout.strip() == MEASURED:
+        layout, source = measured_layout(cfg, topology), "parallel.layout: measured"
     try:
         if layout:
             est = estimate(spec, cluster=cluster, workload=workload, layout=layout)
             if not est.feasible or est.plan is None:
                 raise ConfigError([f"parallel.layout: {layout!r} cannot run on {topology.describe()}: "
                                    f"{'; '.join(est.reasons)}"])
-            return RunPlan(est.plan, hardware, spec.model_flops_per_token(cfg.data.seq_len),
-                           est.time.step_time, int(est.memory.total), "parallel.layout", topology)
+            return RunPlan(est.plan, hardware, model_flops_per_token(spec, cfg),
+                           est.time.step_time, int(est.memory.total), source, topology)
         result = plan(spec, cluster=cluster, workload=workload)
     except PlanError as exc:
         raise ConfigError([f"parallel: no layout for this run on {topology.describe()}: {exc}"]) from exc
     best = result.best
-    return RunPlan(best.plan, hardware, spec.model_flops_per_token(cfg.data.seq_len),
+    return RunPlan(best.plan, hardware, model_flops_per_token(spec, cfg),
                    best.time.step_time, int(best.memory.total), "planner", topology)
+
+
+MEASURED = "measured"
+
+
+def measured_layout_path(cfg: Config) -> Path:
+    """Where `raytune-llama tune-layout` stores the layout it measured fastest for this run:
+    {run.storage_path}/{run.name}/tune_layout/measured_layout.json (docs/planner.md)."""
+    return Path(cfg.run.storage_path) / cfg.run.name / "tune_layout" / "measured_layout.json"
+
+
+def measured_layout(cfg: Config, topology: Topology) -> str:
+    """The layout of `parallel.layout: measured`: the winner of the run's last tune-layout, as a
+    layout string. A ConfigError naming `raytune-llama tune-layout` when none was measured yet,
+    or when it was measured for another world size or workload (a changed placement of the same
+    world size only warns: the planner still checks the layout on the cluster the run gets)."""
+    path = measured_layout_path(cfg)
+    fix = ("run `raytune-llama tune-layout CONFIG.yaml` (same run.name and run.storage_path) to measure the "
+           "planner's best layouts on this cluster, or set parallel.layout to a layout or null")
+    if not path.is_file():
+        raise ConfigError([f"parallel.layout: 'measured' but no layout was measured for run {cfg.run.name!r} yet "
+                           f"({path} does not exist); {fix}"])
+    try:
+        record = json.loads(path.read_text())
+        layout = str(record["layout"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError([f"parallel.layout: 'measured' but {path} cannot be read ({exc}); {fix}"]) from exc
+    world = cfg.parallel.num_workers
+    wanted = {"world_size": world, "global_batch": cfg.train.global_batch_size, "seq_len": cfg.data.seq_len}
+    wrong = [f"{key} {record.get(key)} (this run: {value})" for key, value in wanted.items()
+             if record.get(key) is not None and record.get(key) != value]
+    if wrong:
+        raise ConfigError([f"parallel.layout: 'measured' ({record.get('describe', layout)}) was measured for "
+                           f"{', '.join(wrong)}; {fix}"])
+    measured_on = record.get("topology")
+    if measured_on and measured_on != topology.to_dict():
+        log.warning("parallel.layout: measured was measured on %s, this run gets %s; running it anyway",
+                    Topology(**measured_on).describe(), topology.describe())
+    return layout
 
 
 def at_world_size(cfg: Config, world: int) -> Config:

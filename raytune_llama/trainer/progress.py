@@ -39,16 +39,20 @@ def format_progress(rec: dict) -> str | None:
     if rec.get("event") == "start":
         return (f"[raytune_llama] worker group started at step {rec['step']} "
                 f"on {rec['world_size']} worker(s), layout {rec['layout']}")
-    if rec.get("event") == "data":
-        return None  # per-rank data audit records are not printed
+    if rec.get("event") in ("data", "checkpoint"):
+        return None  # per-rank data audit records and checkpoint records (trackers) are not printed
     if rec.get("event") == "stall":
         at = f", at {rec['where']}" if rec.get("where") else ""
         return (f"[raytune_llama] rank {rec['rank']} stalled in step {rec['step']} (no progress for "
                 f"{rec['waited_s']:.1f} s, bound {rec['bound_s']:.1f} s{at}): restarting the worker group "
                 f"(while run.max_failures allows)")
     remaining = (rec["max_steps"] - rec["step"]) * rec["step_time_s"]
+    evaluated = ""
+    if isinstance(rec.get("eval_loss"), (int, float)):
+        evaluated = f" | eval {rec['eval_loss']:.4f}" + (f" (ppl {rec['eval_perplexity']:.1f})"
+                                                         if "eval_perplexity" in rec else "")
     return (
-        f"step {rec['step']:>5}/{rec['max_steps']} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        f"step {rec['step']:>5}/{rec['max_steps']} | loss {rec['loss']:.4f}{evaluated} | lr {rec['lr']:.2e} | "
         f"{rec['tokens_per_s']:,.0f} tok/s | {rec['step_time_s'] * 1000:.0f} ms/step | "
         f"world {rec['world_size']} | ETA {format_eta(remaining)}"
     )
@@ -57,9 +61,10 @@ def format_progress(rec: dict) -> str | None:
 class ProgressPrinter:
     """Polls a ProgressBoard from a daemon thread and prints each new step."""
 
-    def __init__(self, board, interval_s: float = 0.5, stream=None, on_checkpoint=None):
+    def __init__(self, board, interval_s: float = 0.5, stream=None, on_checkpoint=None, on_record=None):
         self.board = board
         self.on_checkpoint = on_checkpoint  # called with all records when a step checkpointed
+        self.on_record = on_record  # called with every record (experiment trackers)
         self.interval_s = interval_s
         self.stream = stream or sys.stdout
         self.records: list[dict] = []
@@ -78,6 +83,8 @@ class ProgressPrinter:
         new = ray.get(self.board.since.remote(len(self.records)))
         for rec in new:
             self.records.append(rec)
+            if self.on_record is not None:
+                self.on_record(rec)  # RunTrackers.record never raises
             line = format_progress(rec)
             if line is None:
                 continue

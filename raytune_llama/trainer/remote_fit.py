@@ -36,7 +36,8 @@ def relative_paths(cfg: Config) -> list[str]:
     fields = [
         ("model.name_or_path", cfg.model.name_or_path, True),
         ("model.tokenizer", cfg.model.tokenizer, True),
-        ("data.path", cfg.data.path, cfg.data.format != "hf"),
+        ("data.path", cfg.data.path, cfg.data.file_reader != "hf"),
+        ("data.eval_path", cfg.data.eval_path, cfg.data.file_reader != "hf"),
         ("run.storage_path", cfg.run.storage_path, True),
         ("run.export_dir", cfg.run.export_dir, True),
     ]

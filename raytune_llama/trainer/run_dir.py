@@ -22,7 +22,8 @@ def absolutize(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, name_or_path=_abs(cfg.model.name_or_path), tokenizer=_abs(cfg.model.tokenizer)),
-        data=dataclasses.replace(cfg.data, path=_abs(cfg.data.path) if cfg.data.format != "hf" else cfg.data.path,
+        data=dataclasses.replace(cfg.data, path=_abs(cfg.data.path) if cfg.data.file_reader != "hf" else cfg.data.path,
+                                 eval_path=_abs(cfg.data.eval_path) if cfg.data.file_reader != "hf" else cfg.data.eval_path,
                                  store_dir=_abs(cfg.data.store_dir)),
         run=dataclasses.replace(cfg.run, storage_path=_abs(cfg.run.storage_path), export_dir=_abs(cfg.run.export_dir)),
     )

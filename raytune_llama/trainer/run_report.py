@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from raytune_llama.engine.atomic_files import write_bytes_atomic
 
-LOSS_COLOR, TPUT_COLOR, PRED_COLOR = "#1f77b4", "#2ca02c", "#7f7f7f"
+LOSS_COLOR, TPUT_COLOR, PRED_COLOR, EVAL_COLOR = "#1f77b4", "#2ca02c", "#7f7f7f", "#ff7f0e"
 
 
 def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -83,6 +83,9 @@ def plot_run(summary: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -
         ax_loss.plot(steps, loss, color=LOSS_COLOR, alpha=0.35 if span > 1 else 1.0, linewidth=1, label="loss")
         if span > 1:
             ax_loss.plot(steps, _ema(loss, span), color=LOSS_COLOR, linewidth=2, label=f"loss (EMA, span {span})")
+        esteps, eloss = _series(records, "eval_loss")
+        if esteps:
+            ax_loss.plot(esteps, eloss, color=EVAL_COLOR, marker="o", linewidth=1.5, label="validation loss")
         ax_loss.legend(loc="upper right", fontsize=8)
     else:
         ax_loss.text(0.5, 0.5, "no steps ran", ha="center", va="center", transform=ax_loss.transAxes)

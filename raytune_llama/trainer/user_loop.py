@@ -13,12 +13,12 @@ import os
 import time
 from typing import Iterator, Optional
 
-import torch
 
 from raytune_llama.engine.data.order import SampleOrder
 from raytune_llama.engine.data.store import TokenStore
 from raytune_llama.engine.one_line import PLAN_ENV, active_engine
-from raytune_llama.trainer.batches import rank_batch
+from raytune_llama.engine.parallel_causal_lm import serve_batch_positions
+from raytune_llama.trainer.batches import model_inputs, rank_batch
 
 BOARD_ENV = "RAYTUNE_LLAMA_PROGRESS_ACTOR"
 DATA_ENV = "RAYTUNE_LLAMA_DATA"
@@ -73,7 +73,10 @@ class RankBatches:
             batch = rank_batch(self.store, self.order, self.cursor, engine.dp_rank, engine.dp_size, self.with_ids)
             self.cursor += self.global_batch
             self.last_batch_tokens = batch.global_tokens
-            yield {k: torch.from_numpy(batch.rows[k]).long() for k in ("input_ids", "labels")}
+            inputs = model_inputs(batch.rows)
+            # A loop that passes only input_ids still gets document packing's attention mask.
+            serve_batch_positions(inputs["input_ids"], inputs.get("position_ids"))
+            yield inputs
 
 
 _shards: dict[str, RankBatches] = {}

@@ -21,7 +21,9 @@ from raytune_llama.trainer.metrics_export import TrainingMetrics
 from raytune_llama.engine.data.order import SampleOrder
 from raytune_llama.engine.data.store import TokenStore
 from raytune_llama.trainer import checkpoint_report
-from raytune_llama.trainer.batches import iter_rank_batches
+from raytune_llama.trainer.batches import iter_rank_batches, model_inputs
+from raytune_llama.trainer.checkpoint_retention import newest_checkpoint, record_and_prune
+from raytune_llama.trainer.evaluation import eval_due, evaluate, open_eval_store
 from raytune_llama.trainer.planning import compute_dtype, plan_on_workers, record_placement
 from raytune_llama.trainer.chaos import stall_if_injected
 from raytune_llama.trainer.data_audit import data_record
@@ -58,6 +60,21 @@ def _finish_async_report(pending, metrics: dict, staged: bool) -> None:
     checkpoint_report.finish_async(pending, metrics, staged)
 
 
+def _after_checkpoint(cfg, board, metrics: dict) -> None:
+    """Rank 0, once a checkpoint is registered: checkpoint.keep_best's pruning
+    (trainer/checkpoint_retention.py) and a checkpoint record for the driver's trackers."""
+    run_dir = checkpoint_report.run_dir_on_filesystem()
+    folder = newest_checkpoint(run_dir) if run_dir is not None else None
+    record = {"event": "checkpoint", "step": metrics["step"], "path": str(folder) if folder else None}
+    if "eval_loss" in metrics:
+        record["eval_loss"] = metrics["eval_loss"]
+    if cfg.checkpoint.keep_best == "eval_loss" and folder is not None:
+        record["best"] = record_and_prune(run_dir, folder, metrics["step"], metrics.get("eval_loss"),
+                                          cfg.checkpoint.keep_last)
+    if board is not None:
+        board.push.remote(record)
+
+
 def _quiet_worker_logs() -> None:
     """Drop per-report INFO lines (Ray logs each report under a file-path logger name) and
     progress bars; the driver prints one progress line per step instead."""
@@ -87,7 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loop_config["model_path"], plan, device_type=device.type, lr=t.lr, weight_decay=t.weight_decay,
         betas=t.betas, max_grad_norm=t.max_grad_norm,
         mixed_precision=_mixed_precision(cfg.parallel.mixed_precision, device),
-        master_weights=cfg.parallel.master_weights,
+        master_weights=cfg.parallel.master_weights, lora=t.lora,
     )
     record_placement(cfg.run_dir, placement, plan, engine)  # RUN_DIR/placement.json: node and tp group per rank
     meta = checkpoint_report.restore_latest(engine, cfg.run_dir)
@@ -108,6 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     order = SampleOrder.for_data(store, cfg.data, t.global_batch_size)
     batches = iter_rank_batches(store, order, cursor, engine.dp_rank, engine.dp_size,
                                 with_ids=cfg.data.id_column is not None)
+    eval_store = open_eval_store(loop_config.get("eval_store"))
+    keep_best = ck.keep_best == "eval_loss"
     in_flight = None  # (PendingSave, metrics, staged) of a checkpoint written in the background
     watchdog = make_step_watchdog(cfg, rank, board)  # a stalled step ends this worker, naming rank and step
     while step < stop_at:
@@ -118,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         start = time.perf_counter()
         with watchdog.step(step + 1, relaxed=follows_checkpoint(cfg, step)):
             stall_if_injected(rank, step + 1, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL)
-            out = engine.train_step({k: torch.from_numpy(mine[k]).long() for k in ("input_ids", "labels")})
+            out = engine.train_step(model_inputs(mine))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         step_time = time.perf_counter() - start
@@ -135,8 +154,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "predicted_memory_bytes": perf.get("predicted_memory_bytes"),
             "peak_memory_bytes": peak_memory_bytes(device),
         }
-        metrics = {k: v for k, v in metrics.items() if v is not None}  # Ray metrics need values
         due = step == stop_at or bool(ck.every_steps and step % ck.every_steps == 0)
+        if eval_store is not None and eval_due(step, stop_at, t.max_steps, t.eval_every_steps, due, keep_best):
+            # Outside the step watchdog (a whole validation set may take longer than a step's
+            # bound); each collective still fails after run.collective_timeout_s.
+            metrics.update(evaluate(engine, eval_store, t.global_batch_size, t.eval_max_batches,
+                                    cfg.data.shuffle_seed, cfg.data.shuffle))
+        metrics = {k: v for k, v in metrics.items() if v is not None}  # Ray metrics need values
         if board is not None and "doc_ids" in mine:  # data.id_column: exactly-once audit
             board.push.remote(data_record(step, attempt, rank, engine.dp_rank, mine["doc_ids"]))
         if rank == 0:
@@ -145,17 +169,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 board.push.remote({**metrics, "checkpoint": due})
         if in_flight is not None:  # the previous step's background checkpoint: finish, report
             _finish_async_report(*in_flight)
+            if rank == 0:
+                _after_checkpoint(cfg, board, in_flight[1])
             in_flight = None
-        if due or step % t.log_every == 0:
+        if due or step % t.log_every == 0 or "eval_loss" in metrics:  # an evaluation always reaches Ray Train
             meta = {"step": step, "cursor": cursor, "tokens_seen": tokens_seen, "world_size": world}
+            if "eval_loss" in metrics:
+                meta["eval_loss"] = metrics["eval_loss"]
             fmt = resolve_format(ck.format, plan)
             if due and ck.async_save and fmt == "sharded" and step < stop_at:
                 in_flight = _begin_async_report(engine, meta, metrics)  # written during the next step
             else:
                 _report(metrics, bool(due), engine, meta, fmt)
+                if due and rank == 0:
+                    _after_checkpoint(cfg, board, metrics)
     watchdog.close()
     if step >= t.max_steps:
         # One tensor at a time, written per pipeline stage: no rank holds the whole model.
-        export_model_streaming(engine, loop_config["model_path"], load_tokenizer(loop_config["tokenizer_path"]),
-                               loop_config["export_path"])
+        tokenizer = load_tokenizer(loop_config["tokenizer_path"])
+        if cfg.data.chat_template:  # the exported model chats the way it was trained to
+            tokenizer.chat_template = cfg.data.chat_template
+        export_model_streaming(engine, loop_config["model_path"], tokenizer, loop_config["export_path"])
     engine.close()

@@ -6,7 +6,7 @@ length, sharded checkpoints and the export. What it proves: the driver resolves 
 plans on the cluster it has, the workers build the model sharded from the snapshot in fp32,
 train, checkpoint and export in the checkpoint's dtype (bf16).
 
-The config's dataset (`tatsu-lab/alpaca`, format hf) is replaced by a local Parquet file with
+The config's dataset (`tatsu-lab/alpaca`, reader hf, format instruction) is replaced by a local Parquet file with
 Alpaca's columns: the datasets library reads a hub dataset offline only from its own
 processed-dataset cache, which cannot be laid out by hand the way the model cache can."""
 import json
@@ -30,9 +30,9 @@ def _alpaca_like(path):
     docs = [json.loads(line)["text"] for line in (REPO / "examples" / "data" / "tiny_corpus.jsonl").open()]
     rows = {"instruction": [], "input": [], "output": [], "text": []}
     for i in range(0, len(docs) - 1, 2):
-        instruction, output = f"Continue the story: {docs[i][:80]}", docs[i + 1]
+        instruction, output = "Continue the story.", docs[i + 1]
         rows["instruction"].append(instruction)
-        rows["input"].append("")
+        rows["input"].append(docs[i][:80] if i % 4 else "")
         rows["output"].append(output)
         rows["text"].append("Below is an instruction that describes a task. Write a response that appropriately "
                             f"completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{output}")
@@ -58,7 +58,7 @@ def rehearsal(ray_head, tmp_path_factory, request):
     mp.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
     try:
         cfg = load_config(REPO / "examples" / "configs" / "llama3_70b_mi250.yaml", [
-            f"data.path={tmp}/alpaca.parquet", "data.format=auto",
+            f"data.path={tmp}/alpaca.parquet", "data.reader=auto",
             "parallel.num_workers=2", "parallel.use_gpu=false", "parallel.cpus_per_worker=1",
             "parallel.hardware=cpu", f"train.max_steps={STEPS}", "train.global_batch_size=8",
             "train.warmup_steps=1", "checkpoint.every_steps=2", f"run.storage_path={tmp}/runs",
@@ -75,6 +75,7 @@ def test_the_70b_config_runs_from_the_hf_cache(rehearsal):
     assert cfg.model.name_or_path == HUB_ID and cfg.data.seq_len == 1024 and cfg.parallel.mixed_precision == "bf16"
     assert s["steps"] == list(range(1, STEPS + 1)) and s["world_size"] == 2
     assert all(loss == loss and 0 < loss < 20 for loss in s["losses"]), s["losses"]
+    assert cfg.data.format == "instruction" and 0 < s["eval_loss"] < 20  # the SFT recipe, validated at the end
     assert s["layout"] == s["layout_history"][-1]  # what the workers ran
     if cfg.parallel.layout:
         assert "tp=2+sp" in s["layout"], s["layout"]

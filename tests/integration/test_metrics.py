@@ -49,6 +49,7 @@ def records(n: int) -> list[dict]:
                     "step_time_s": 4.0, "tokens_per_s": 16384.0, "tokens_seen": 65536 * step,
                     "world_size": 64, "mfu": 0.31, "predicted_step_time_s": 3.8,
                     "peak_memory_bytes": 52 * 2**30, "predicted_memory_bytes": 50 * 2**30})
+    out[-1].update(eval_loss=2.5, eval_perplexity=12.18)  # a step that evaluated
     out[-1].pop("mfu")  # absent optional keys are skipped, the last value stays
     return out
 
@@ -85,6 +86,8 @@ def test_training_metrics_reach_prometheus(ray_head):
     assert found[prometheus_name("peak_memory_bytes")] == pytest.approx(52 * 2**30)
     assert found[prometheus_name("predicted_memory_bytes")] == pytest.approx(50 * 2**30)
     assert found[prometheus_name("world_size")] == 64
+    assert found[prometheus_name("eval_loss")] == pytest.approx(2.5)
+    assert found[prometheus_name("eval_perplexity")] == pytest.approx(12.18)
     assert found[prometheus_name("tokens_seen")] == 3 * 65536
     assert found[prometheus_name("steps")] == 3
     assert found[prometheus_name("step_tokens")] == pytest.approx(3 * 16384.0 * 4.0)

@@ -38,6 +38,9 @@ def _overrides(tmp, name, layout):
     return [arg for s in sets for arg in ("--set", s)]
 
 
+TOKENIZER_PAD_ID = 0  # <pad> of the shipped tiny tokenizer
+
+
 @pytest.fixture(scope="module")
 def reference(ray_head, tmp_path_factory):
     """The same loop in one process, no parallelism: plain HF model, stock AdamW."""
@@ -60,8 +63,13 @@ def reference(ray_head, tmp_path_factory):
     losses = []
     for step in range(STEPS):
         batch = store.read(order.positions(step * GLOBAL_BATCH))
-        ids, labels = torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["labels"])
-        loss = model(input_ids=ids, labels=labels).loss
+        ids = torch.from_numpy(batch["input_ids"])
+        labels = ids.masked_fill(ids == TOKENIZER_PAD_ID, -100)  # the example's mask_pads
+        # Document packing (the default): the run gives the example's model the served batch's
+        # position ids; plain HF builds the same block-diagonal mask from them, but only with
+        # use_cache=False (as the example passes): with a cache it keeps the causal mask.
+        loss = model(input_ids=ids, labels=labels, position_ids=torch.from_numpy(batch["position_ids"]),
+                     use_cache=False).loss
         loss.backward()
         optim.step()
         model.zero_grad(set_to_none=True)

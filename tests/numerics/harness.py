@@ -160,6 +160,20 @@ def _worker(rank: int, world: int, port: int, layouts: list, steps: int, out_pre
     dist.destroy_process_group()
 
 
+def finish_rank(results: dict, out_prefix: str, rank: int, barrier: bool = True) -> None:
+    """The end of a spawned rank: write its results for spawn_ranks; a failed rank exits at once
+    (its peers may be blocked in a receive without timeout), the others leave the group."""
+    import torch.distributed as dist
+
+    with open(f"{out_prefix}{rank}.json", "w") as f:
+        json.dump(results, f)
+    if "error" in results:
+        os._exit(1)
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def spawn_ranks(worker, world: int, tmp: str, *args) -> list[dict]:
     """Run `worker(rank, world, port, *args, out_prefix)` in a spawned group of `world` ranks; each
     rank writes its result as JSON to f"{out_prefix}{rank}.json" ({"error": ...} when it failed).

@@ -14,7 +14,6 @@ Run: TORCH_EXTENSIONS_DIR=.cache/torch_extensions .venv/bin/python -m pytest tes
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import tempfile
 import traceback
@@ -205,11 +204,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, out_prefix: str) -
             raytune_llama.disable_advanced_parallelization()
     except Exception:
         results = {"error": f"rank {rank}: " + traceback.format_exc()}
-    with open(f"{out_prefix}{rank}.json", "w") as f:
-        json.dump(results, f)
-    if "error" in results:
-        os._exit(1)
-    dist.destroy_process_group()
+    harness.finish_rank(results, out_prefix, rank, barrier=False)
 
 
 @pytest.fixture(scope="module")

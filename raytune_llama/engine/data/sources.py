@@ -47,7 +47,7 @@ def list_chunks(path: str, fmt: str, chunk_bytes: int, *, split: str = "train", 
         return [c for f in files for c in _parquet_chunks(f, chunk_bytes)], {"files": _stats(files)}
     if fmt == "hf":
         return _hf_stream_chunks(path, split, columns) if streaming else _hf_chunks(path, split, chunk_bytes, columns)
-    raise SourceError(f"data.format: cannot read {path!r} as {fmt!r}; set data.format to jsonl, parquet or hf")
+    raise SourceError(f"data.reader: cannot read {path!r} as {fmt!r}; set data.reader to jsonl, parquet or hf")
 
 
 def _stats(files: list[Path]) -> list:
@@ -137,11 +137,12 @@ def _hf_stream_chunks(path: str, split: str, columns: tuple) -> tuple[list[dict]
             for i in range(shards)], content
 
 
-def iter_chunk_documents(chunk: dict, text_column: str, id_column: Optional[str],
+def iter_chunk_documents(chunk: dict, text_column, id_column: Optional[str],
                          batch_size: int) -> Iterator[tuple[list, Optional[list]]]:
     """(texts, ids or None) in batches of up to batch_size documents, in source order. A text
     is whatever the row holds (str, bytes, None, anything): cleaning and counting are the
-    caller's. An unreadable file raises SourceError naming it."""
+    caller's. With a tuple of columns (chat and instruction rows) each document is a dict
+    {column: value} instead. An unreadable file raises SourceError naming it."""
     kind = chunk["kind"]
     try:
         if kind in ("jsonl", "jsonl_gz"):
@@ -193,10 +194,28 @@ def _jsonl_rows(chunk: dict, text_column: str, id_column: Optional[str]) -> Iter
             bad += 1
             yield None, None
             continue
-        yield row.get(text_column), row.get(id_column) if id_column else None
+        yield _pick(row, text_column), row.get(id_column) if id_column else None
     if bad:
         log.warning("%s: %d line(s) in bytes %s..%s are not JSON objects; skipped and counted", chunk["file"], bad,
                     chunk.get("start", 0), chunk.get("end", "end"))
+
+
+def _pick(row: dict, columns):
+    """The document of a row: one column's value, or {column: value} for a tuple of columns."""
+    if isinstance(columns, tuple):
+        return {c: row.get(c) for c in columns}
+    return row.get(columns)
+
+
+def _column_names(columns) -> list[str]:
+    return list(columns) if isinstance(columns, tuple) else [columns]
+
+
+def _field_of(columns) -> str:
+    """The config field(s) that name these columns, for error messages."""
+    if isinstance(columns, tuple):
+        return "data.messages_column / data.prompt_template fields / data.response_column"
+    return "data.text_column"
 
 
 def _range_lines(path: str, start: int, end: int) -> Iterator[bytes]:
@@ -231,13 +250,18 @@ def _text_values(column) -> list:
     return column.to_pylist()
 
 
-def _table_batches(batches, text_column: str, id_column: Optional[str]):
+def _table_batches(batches, text_column, id_column: Optional[str]):
     for b in batches:
         names = b.schema.names
-        if text_column not in names:
-            raise SourceError(f"data.text_column: column {text_column!r} is not in the data (columns: "
-                              f"{sorted(names)}); set data.text_column to one of them")
-        texts = _text_values(b.column(names.index(text_column)))
+        for col in _column_names(text_column):
+            if col not in names:
+                raise SourceError(f"{_field_of(text_column)}: column {col!r} is not in the data (columns: "
+                                  f"{sorted(names)}); set it to one of them")
+        if isinstance(text_column, tuple):
+            values = {c: b.column(names.index(c)).to_pylist() for c in text_column}
+            texts = [dict(zip(values, row)) for row in zip(*values.values())]
+        else:
+            texts = _text_values(b.column(names.index(text_column)))
         ids = None
         if id_column:
             ids = b.column(names.index(id_column)).to_pylist() if id_column in names else [None] * len(texts)
@@ -248,7 +272,7 @@ def _parquet_batches(chunk: dict, text_column: str, id_column: Optional[str], ba
     import pyarrow.parquet as pq
 
     lo, hi = chunk["row_groups"]
-    cols = [c for c in (text_column, id_column) if c]
+    cols = _column_names(text_column) + ([id_column] if id_column else [])
     pf = pq.ParquetFile(chunk["file"])
     yield from _table_batches(pf.iter_batches(batch_size=batch_size, row_groups=list(range(lo, hi)), columns=cols),
                               text_column, id_column)
@@ -260,7 +284,7 @@ def _arrow_batches(chunk: dict, text_column: str, id_column: Optional[str], batc
     with pa.memory_map(chunk["file"]) as source:  # zero-copy: only the rows read are paged in
         table = pa.ipc.open_stream(source).read_all()
         lo, hi = chunk["rows"]
-        part = table.slice(lo, hi - lo).select([c for c in (text_column, id_column) if c])
+        part = table.slice(lo, hi - lo).select(_column_names(text_column) + ([id_column] if id_column else []))
         yield from _table_batches(part.to_batches(max_chunksize=batch_size), text_column, id_column)
 
 
@@ -268,8 +292,12 @@ def _hf_stream_batches(chunk: dict, text_column: str, id_column: Optional[str], 
     hf = _hf_dataset(chunk["path"], chunk["split"], streaming=True).shard(num_shards=chunk["shards"],
                                                                           index=chunk["shard"])
     for batch in hf.iter(batch_size=batch_size):
-        texts = batch.get(text_column)
-        if texts is None:
-            raise SourceError(f"data.text_column: column {text_column!r} is not in the HF dataset "
-                              f"{chunk['path']!r}; set data.text_column to one of {sorted(batch)}")
-        yield list(texts), (list(batch.get(id_column, [None] * len(texts))) if id_column else None)
+        missing = [c for c in _column_names(text_column) if c not in batch]
+        if missing:
+            raise SourceError(f"{_field_of(text_column)}: column {missing[0]!r} is not in the HF dataset "
+                              f"{chunk['path']!r}; set it to one of {sorted(batch)}")
+        if isinstance(text_column, tuple):
+            texts = [dict(zip(text_column, row)) for row in zip(*(batch[c] for c in text_column))]
+        else:
+            texts = list(batch[text_column])
+        yield texts, (list(batch.get(id_column, [None] * len(texts))) if id_column else None)

@@ -85,7 +85,7 @@ def fake_weight_materialisation(fake_mode) -> Iterator[None]:
 
     parallelize_module = sys.modules["raytune_llama.engine.parallel.parallelize"]
 
-    def allocate_only(stages, path, device, read_weights=True):
+    def allocate_only(stages, path, device, read_weights=True, adapters=None):
         with fake_mode:
             return sharded_load.materialize_and_load(stages, path, device, read_weights=False)
 

@@ -36,6 +36,7 @@ from raytune_llama.planner.plan import ParallelPlan
 
 from . import deepspeed_backend as ds
 from .data_parallel import uses_fsdp
+from .lora import check_lora_plan, lora_settings
 from .mesh import build_mesh, data_parallel_rank_and_size, default_device_type, dp_mesh, init_distributed
 from .optim import build_adamw, clip_grad_norm
 from .parallelize import parallelize
@@ -60,7 +61,10 @@ class ParallelEngine:
                  lr: float = 3e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, max_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
                  layer_costs: Sequence[float] | None = None, compile: bool = False,
-                 load_from: str | None = None):
+                 load_from: str | None = None, lora=None):
+        # lora: LoraSettings (or a train.lora mapping): peft adapters on a frozen base (docs/lora.md)
+        self.lora = lora_settings(lora)
+        check_lora_plan(plan, self.lora)
         if mixed_precision == "fp16" and plan.backend == "torch":
             raise ValueError("mixed_precision: 'fp16' needs loss scaling, which the torch layouts do not do (gradients "
                              "would underflow silently); use 'bf16' (MI250, H100 and later support it), None for fp32, "
@@ -92,7 +96,7 @@ class ParallelEngine:
             # A meta-device model is filled with this rank's tensors inside parallelize, before
             # the optimizer exists (so it sees the materialised parameters).
             pm = parallelize(model, plan, self.mesh, layer_costs=layer_costs, compile=compile,
-                             mixed_precision=mixed_precision, load_from=load_from)
+                             mixed_precision=mixed_precision, load_from=load_from, lora=self.lora)
             self.stages, self.modules, self.stage_ids = pm.stages, pm.modules, pm.stage_ids
             self.optimizer = build_adamw(self._named_params(), **adam)
             if plan.pp > 1:
@@ -115,19 +119,21 @@ class ParallelEngine:
         return self.modules[0]
 
     def _named_params(self):
+        # Trainable parameters only: with LoRA the frozen base is neither optimised nor clipped.
         seen = set()
         for stage in self.stages:
             for name, p in stage.named_parameters():
-                if id(p) not in seen:
+                if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     yield name, p
 
     def parameters(self) -> list[nn.Parameter]:
-        """Parameters held by this rank (all its stages), each once."""
+        """Trainable parameters held by this rank (all its stages), each once (LoRA: the adapters)."""
         return [p for _, p in self._named_params()]
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """(HF name, parameter) of every parameter this rank holds (shards), each once."""
+        """(HF name, parameter) of every trainable parameter this rank holds (shards), each once
+        (LoRA: the adapters, under peft's names)."""
         return list(self._named_params())
 
     def set_loss_fn(self, loss_fn) -> None:
@@ -159,32 +165,33 @@ class ParallelEngine:
         over every non-ignored token of the global batch and that token count."""
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
+        positions = _positions(batch, self.device)
         rows = self.plan.micro_batch_size * self.plan.grad_accum
         if input_ids.shape[0] != rows:
             raise ValueError(f"batch has {input_ids.shape[0]} rows; this dp rank needs micro_batch_size * "
                              f"grad_accum = {self.plan.micro_batch_size} * {self.plan.grad_accum} = {rows}")
         if self.loss_fn is not None:
-            return self._custom_loss_step(input_ids, labels)
+            return self._custom_loss_step(input_ids, labels, positions)
         global_tokens = self._global_tokens(labels)
         inv_tokens = 1.0 / max(global_tokens, 1)
         if self.ds_engine is not None:
-            local_ce = self._deepspeed_step(input_ids, labels, inv_tokens)
+            local_ce = self._deepspeed_step(input_ids, labels, positions, inv_tokens)
         else:
             # Gradient reductions average over dp; scale back up so they sum (see module doc).
             self._loss_scale = self.dp_size * inv_tokens
             with self._maybe_autocast():
-                local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
-                    else self._micro_batch_step(input_ids, labels)
+                local_ce = self._pipeline_step(input_ids, labels, positions) if self.schedule is not None \
+                    else self._micro_batch_step(input_ids, labels, positions)
         return {"loss": self._global_ce(local_ce) * inv_tokens, "tokens": global_tokens}
 
-    def _custom_loss_step(self, input_ids, labels) -> dict[str, float | int]:
+    def _custom_loss_step(self, input_ids, labels, positions) -> dict[str, float | int]:
         """forward_backward with loss_fn: its target count is known only once the loss ran, so
         the backward runs on the summed loss (x dp: reductions average over dp) and the
         gradients are divided by the global count afterwards (one pass over this rank's grads)."""
         self._loss_scale, self._counts = float(self.dp_size), []
         with self._maybe_autocast():
-            local_ce = self._pipeline_step(input_ids, labels) if self.schedule is not None \
-                else self._micro_batch_step(input_ids, labels)
+            local_ce = self._pipeline_step(input_ids, labels, positions) if self.schedule is not None \
+                else self._micro_batch_step(input_ids, labels, positions)
         global_count = self._global_count()
         inv = 1.0 / max(global_count, 1.0)
         with torch.no_grad():
@@ -236,6 +243,7 @@ class ParallelEngine:
 
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device)
+        positions = _positions(batch, self.device)
         mbs = self.plan.micro_batch_size
         if self.schedule is not None and input_ids.shape[0] != mbs * self.plan.grad_accum:
             raise ValueError(f"evaluation batch has {input_ids.shape[0]} rows; a pipeline layout evaluates the "
@@ -246,7 +254,7 @@ class ParallelEngine:
         if self.schedule is not None:
             self._loss_scale = 1.0
             with self._maybe_autocast():
-                local_ce = self._pipeline_step(input_ids, labels, backward=False)
+                local_ce = self._pipeline_step(input_ids, labels, positions, backward=False)
         else:
             module = self.ds_engine if self.ds_engine is not None else self.modules[0]
             vocab_mesh = None if self.ds_engine is not None else vocab_parallel_mesh(self.plan, self.mesh,
@@ -254,15 +262,17 @@ class ParallelEngine:
             local_ce = torch.zeros((), device=self.device)
             with self._maybe_autocast(), loss_parallel_context(vocab_mesh):
                 for i in range(0, input_ids.shape[0], mbs):
-                    local_ce = local_ce + self._loss(module(input_ids[i:i + mbs]), labels[i:i + mbs], vocab_mesh)
+                    logits = _run(module, input_ids, positions, i, i + mbs)
+                    local_ce = local_ce + self._loss(logits, labels[i:i + mbs], vocab_mesh)
         if global_tokens is None:  # loss_fn counted its own targets
             global_tokens = int(self._global_count())
         return {"loss": self._global_ce(local_ce) / max(global_tokens, 1), "tokens": global_tokens}
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward only: full-vocabulary logits [rows, seq, vocab] of this rank's rows, in
-        micro-batches (tensor parallel: the vocab shards are all-gathered over tp). Not under
+        micro-batches (tensor parallel: the vocab shards are all-gathered over tp); with
+        position_ids (document packing) attention stays inside each document. Not under
         pipeline parallel, where they exist on the last stage only."""
         from torch.distributed.tensor import DTensor
 
@@ -271,11 +281,12 @@ class ParallelEngine:
                              "them); evaluate with labels= for the global loss, or export the model "
                              "(save_pretrained) and run it with transformers for logits")
         input_ids = input_ids.to(self.device)
+        positions = None if position_ids is None else position_ids.to(self.device)
         module, mbs = (self.ds_engine if self.ds_engine is not None else self.modules[0]), self.plan.micro_batch_size
         parts = []
         with self._maybe_autocast():
             for i in range(0, input_ids.shape[0], mbs):
-                out = module(input_ids[i:i + mbs])
+                out = _run(module, input_ids, positions, i, i + mbs)
                 parts.append((out.full_tensor() if isinstance(out, DTensor) else self._gather_vocab(out)).float())
         return torch.cat(parts)
 
@@ -308,7 +319,7 @@ class ParallelEngine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.mixed_precision == "bf16" else torch.float16)
         return torch.autocast(self.device.type, enabled=False)
 
-    def _micro_batch_step(self, input_ids, labels) -> torch.Tensor:
+    def _micro_batch_step(self, input_ids, labels, positions=None) -> torch.Tensor:
         from raytune_llama.engine.loss import loss_parallel_context
 
         from .tensor_parallel import vocab_parallel_mesh
@@ -321,9 +332,9 @@ class ParallelEngine:
         with loss_parallel_context(vocab_mesh):
             for i in range(ga):
                 last = i == ga - 1
-                ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
+                lab = labels[i * mbs:(i + 1) * mbs]
                 self._set_grad_sync(module, last)
-                ce = self._loss(module(ids), lab, vocab_mesh)
+                ce = self._loss(_run(module, input_ids, positions, i * mbs, (i + 1) * mbs), lab, vocab_mesh)
                 (ce * self._loss_scale).backward()
                 total = total + ce.detach()
         return total
@@ -343,7 +354,7 @@ class ParallelEngine:
         self._pp_ce.append(ce.detach())
         return ce * self._loss_scale
 
-    def _pipeline_step(self, input_ids, labels, backward: bool = True) -> torch.Tensor:
+    def _pipeline_step(self, input_ids, labels, positions=None, backward: bool = True) -> torch.Tensor:
         from raytune_llama.engine.loss import loss_parallel_context
 
         from .tensor_parallel import vocab_parallel_mesh
@@ -352,7 +363,9 @@ class ParallelEngine:
         holds_first = 0 in self.stage_ids
         holds_last = (self.plan.pp * self.plan.virtual_stages - 1) in self.stage_ids
         self._pp_vocab_mesh = vocab_parallel_mesh(self.plan, self.mesh, self.stages[-1].config)
-        args = (input_ids,) if holds_first else ()
+        if positions is None:  # every stage takes position ids (pipeline.py)
+            positions = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids).contiguous()
+        args = (input_ids, positions) if holds_first else ()
         # The schedule runs every micro-batch's loss forward and backward inside step(); eval()
         # runs the forwards and the losses only.
         with loss_parallel_context(self._pp_vocab_mesh):
@@ -366,14 +379,14 @@ class ParallelEngine:
         # only the last grad_accum calls are this step's micro-batches.
         return torch.stack(self._pp_ce[-self.plan.grad_accum:]).sum()
 
-    def _deepspeed_step(self, input_ids, labels, inv_tokens: float) -> torch.Tensor:
+    def _deepspeed_step(self, input_ids, labels, positions, inv_tokens: float) -> torch.Tensor:
         eng, ga, mbs = self.ds_engine, self.plan.grad_accum, self.plan.micro_batch_size
         # DeepSpeed divides by gradient_accumulation_steps and averages over dp: undo both.
         scale = inv_tokens * ga * self.dp_size
         total = torch.zeros((), device=self.device)
         for i in range(ga):
-            ids, lab = input_ids[i * mbs:(i + 1) * mbs], labels[i * mbs:(i + 1) * mbs]
-            ce = summed_causal_lm_loss(eng(ids), lab)
+            lab = labels[i * mbs:(i + 1) * mbs]
+            ce = summed_causal_lm_loss(_run(eng, input_ids, positions, i * mbs, (i + 1) * mbs), lab)
             eng.backward(ce * scale)
             if i < ga - 1:
                 eng.step()  # not a boundary: DeepSpeed only counts the micro-step
@@ -413,3 +426,16 @@ class ParallelEngine:
         if self.ds_engine is not None:
             self.ds_engine.destroy()
             self.ds_engine = None
+
+
+def _positions(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """The batch's per-document position ids (document packing), or None (0..S-1 in every row)."""
+    positions = batch.get("position_ids")
+    return None if positions is None else positions.to(device)
+
+
+def _run(module, input_ids: torch.Tensor, positions: torch.Tensor | None, lo: int, hi: int):
+    """Forward rows lo:hi, with their position ids when the batch has them."""
+    if positions is None:
+        return module(input_ids[lo:hi])
+    return module(input_ids[lo:hi], positions[lo:hi])

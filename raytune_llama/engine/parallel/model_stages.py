@@ -8,6 +8,16 @@ FQNs (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`) match the HF c
 and checkpoints move between layouts unchanged. Works for Llama, Mistral and Qwen2 (same
 module names). Attention runs through the HF attention with `attention_mask=None`, which
 makes SDPA use its `is_causal` path: the same math the HF model uses for unpadded inputs.
+
+Document packing (docs/data.md "Packing"): a batch may carry `position_ids` that restart at 0
+at each document. Then the stage builds the attention mask with transformers' own
+`create_causal_mask`, which finds the documents from the restarts and returns what the
+model's attention implementation takes: a block-diagonal causal boolean mask for SDPA (shared
+by all layers of the stage; [micro_batch, 1, seq, seq] bytes), an additive one for eager, a
+BlockMask for flex attention, and nothing for flash-attention 2, which reads the restarts from
+`position_ids` itself (varlen). Rows without a restart keep the `is_causal` path. Under
+pipeline parallel every stage receives the position ids from the previous one
+(`pass_positions`): stages exchange (hidden, position_ids).
 """
 from __future__ import annotations
 
@@ -40,6 +50,8 @@ class CausalLMStage(nn.Module):
         # Set by tensor_parallel.apply_tensor_parallel when sequence parallel is on: the
         # hidden state that enters a non-first stage is then a 1/sp_degree sequence shard.
         self.sp_degree = 1
+        # Set by pipeline.build_schedule: stages exchange (hidden, position_ids).
+        self.pass_positions = False
 
     @property
     def is_first(self) -> bool:
@@ -51,28 +63,43 @@ class CausalLMStage(nn.Module):
         """True if this stage produces logits."""
         return self.lm_head is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Token ids (first stage) or hidden states (later stages) -> hidden states or logits."""
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None):
+        """Token ids (first stage) or hidden states (later stages) -> hidden states or logits;
+        with `pass_positions` (pipeline stages), non-last stages return (hidden, position_ids)."""
         if self.is_first:
             seq_len = x.shape[1]
             h = self.model.embed_tokens(x)
         else:
             seq_len = x.shape[1] * self.sp_degree
             h = x
-        # Positions are always 0..S-1 (no packing / left padding in training batches), so
-        # they are rebuilt here rather than sent between pipeline stages.
-        position_ids = torch.arange(seq_len, device=x.device).unsqueeze(0)
+        mask = None
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=x.device).unsqueeze(0)
+        else:
+            mask = document_attention_mask(self.config, position_ids, h.dtype)
         # The rotary module only reads device and dtype from its first argument.
         probe = torch.empty(0, device=x.device, dtype=h.dtype)
         position_embeddings = self.model.rotary_emb(probe, position_ids)
         for layer in self.model.layers.values():
-            h = layer(h, attention_mask=None, position_ids=position_ids,
+            h = layer(h, attention_mask=mask, position_ids=position_ids,
                       position_embeddings=position_embeddings)
         if self.model.norm is not None:
             h = self.model.norm(h)
         if self.lm_head is not None:
-            h = self.lm_head(h)
+            return _to_local(self.lm_head(h))
+        if self.pass_positions:
+            return _to_local(h), position_ids
         return _to_local(h)
+
+
+def document_attention_mask(config, position_ids: torch.Tensor, dtype: torch.dtype):
+    """The attention mask of rows whose documents restart their position ids at 0, in the form
+    the model's attention implementation takes (module doc); None when no row has a restart."""
+    from transformers.masking_utils import create_causal_mask
+
+    batch, seq_len = position_ids.shape
+    shape_probe = torch.empty(batch, seq_len, 0, device=position_ids.device, dtype=dtype)
+    return create_causal_mask(config, shape_probe, attention_mask=None, cache=None, position_ids=position_ids)
 
 
 def _to_local(t: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@ model. Build the HF model on the `meta` device, let `parallelize` cut/shard/wrap
 FSDP2 both accept meta parameters), then `materialize_and_load` allocates only this rank's
 local shards (`to_empty`) and reads exactly those slices from the memory-mapped safetensors
 files (`safe_open(...).get_slice`), so each rank reads and holds ~1/(dp_shard*tp*pp) of it.
+LoRA adapters (engine/parallel/lora.py) are not in the files: their slices are copied from the
+whole-model initial values held in memory, and a LoRA-wrapped linear's base weight
+(`<module>.base_layer.weight`) is read from the checkpoint's `<module>.weight`.
 """
 from __future__ import annotations
 
@@ -108,11 +111,16 @@ def _read_into(local: torch.Tensor, index: dict[str, str], key: str, slices: tup
 
 
 @torch.no_grad()
-def materialize_and_load(stages: list[nn.Module], path: str, device: torch.device, read_weights: bool = True) -> int:
+def materialize_and_load(stages: list[nn.Module], path: str, device: torch.device, read_weights: bool = True,
+                         adapters: dict[str, torch.Tensor] | None = None) -> int:
     """Allocate this rank's shards of meta `stages` and fill them from safetensors; returns bytes
     read. read_weights=False only allocates: for whole replicas that the wrapper then broadcasts
-    from one rank (DDP, DeepSpeed ZeRO-1/2), so that one rank, not every rank, reads the files."""
+    from one rank (DDP, DeepSpeed ZeRO-1/2), so that one rank, not every rank, reads the files.
+    `adapters`: whole initial LoRA tensors by name (lora.initial_adapters), sliced likewise."""
+    from .lora import hf_name
+
     index = safetensors_index(path)
+    adapters = adapters or {}
     read = 0
     for stage in stages:
         tied = _aliases(stage)
@@ -122,7 +130,11 @@ def materialize_and_load(stages: list[nn.Module], path: str, device: torch.devic
         reinit_rotary(stage, device)
         for name, param in stage.named_parameters() if read_weights else ():
             local = param.to_local() if isinstance(param, DTensor) else param
-            read += _read_into(local, index, clean_fqn(name), _local_slices(param), path)
+            key = clean_fqn(name)
+            if key in adapters:
+                local.copy_(adapters[key][_local_slices(param)])
+            else:
+                read += _read_into(local, index, hf_name(key), _local_slices(param), path)
     log.info("sharded load: read %.1f MiB of local shards from %s", read / 2**20, path)
     return read
 

@@ -13,6 +13,9 @@ different parameters, save and load it without clashing and in any other layout.
 DeepSpeed backend: weights and AdamW moments assembled from the ZeRO partitions in the same
 torch format (deepspeed_state.py); `full=False` gives the same whole tensors on every rank
 (DCP writes each once).
+LoRA engines (engine.lora set): the state is the adapters and their optimizer state only (DCP's
+ignore_frozen_params); the frozen base is reloaded from the model files, so a checkpoint of Llama 3
+70B with r=16 adapters on all seven projections is ~2.5 GB instead of ~850 GB (docs/lora.md).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ from torch.distributed.checkpoint.state_dict import (
 from . import deepspeed_state as ds_state
 
 
-def _options(full: bool, strict: bool = True) -> StateDictOptions:
-    return StateDictOptions(full_state_dict=full, cpu_offload=False, strict=strict,
-                            flatten_optimizer_state_dict=not full)
+def _options(full: bool, lora: bool = False) -> StateDictOptions:
+    # LoRA: the frozen base is left out; loading is then non-strict (the base keys are absent)
+    # and _check_lora_keys checks the adapter keys instead.
+    return StateDictOptions(full_state_dict=full, cpu_offload=False, strict=not lora,
+                            flatten_optimizer_state_dict=not full, ignore_frozen_params=lora)
 
 
 def _to_cpu(obj):
@@ -69,7 +74,7 @@ def get_engine_state(engine, full: bool):
         model_state, optim_state = ds_state.get_full_state(engine.ds_engine)
         return model_state, (optim_state if full else flatten_optimizer_state(optim_state))
     multi = len(engine.modules) > 1
-    ms, os_ = get_state_dict(_container(engine), engine.optimizer, options=_options(full))
+    ms, os_ = get_state_dict(_container(engine), engine.optimizer, options=_options(full, _has_lora(engine)))
     model_state = {_strip(k, multi): v for k, v in ms.items()}
     if not multi:
         optim_state = os_
@@ -89,21 +94,23 @@ def set_engine_state(engine, model_state, optim_state, full: bool) -> None:
             optim_state = unflatten_optimizer_state(optim_state, ds_state.group_names(engine.ds_engine))
         ds_state.set_full_state(engine.ds_engine, model_state, optim_state)
         return
-    multi = len(engine.modules) > 1
+    multi, lora = len(engine.modules) > 1, _has_lora(engine)
     owner: dict[str, str] = {}  # HF FQN -> key inside the container
     for i, stage in enumerate(engine.stages):
         for k in stage.state_dict().keys():
             k = k.replace("_checkpoint_wrapped_module.", "")
             owner[k] = f"{i}.{k}" if multi else k
+    if lora:
+        _check_lora_keys(engine, model_state)
     model_state = {owner[k]: v for k, v in model_state.items() if k in owner}
     container = _container(engine)
     if optim_state is None:
-        set_model_state_dict(container, model_state, options=_options(full))
+        set_model_state_dict(container, model_state, options=_options(full, lora))
         return
     if not full:  # flattened: one key per parameter and field
         optim_state = {_rename_flat(k, lambda fqn: owner.get(fqn, fqn)): v for k, v in optim_state.items()}
         set_state_dict(container, engine.optimizer, model_state_dict=model_state,
-                       optim_state_dict=optim_state, options=_options(full))
+                       optim_state_dict=optim_state, options=_options(full, lora))
         return
     optim_state = _rename_optim(optim_state, lambda k: owner.get(k, k))
     mine = set(owner.values())
@@ -112,7 +119,28 @@ def set_engine_state(engine, model_state, optim_state, full: bool) -> None:
     optim_state["param_groups"] = [{**g, "params": [p for p in g["params"] if p in mine]}
                                    for g in optim_state["param_groups"]]
     set_state_dict(container, engine.optimizer, model_state_dict=model_state,
-                   optim_state_dict=optim_state, options=_options(full))
+                   optim_state_dict=optim_state, options=_options(full, lora))
+
+
+def _has_lora(engine) -> bool:
+    return getattr(engine, "lora", None) is not None
+
+
+def _check_lora_keys(engine, model_state: dict) -> None:
+    """A LoRA engine loads adapters only, and every adapter of its stages must be there: a state
+    without them (a full fine-tuning checkpoint, another train.lora.target_modules) is refused."""
+    from .lora import is_adapter
+    from .sharded_load import clean_fqn
+
+    mine = {clean_fqn(n) for stage in engine.stages for n, p in stage.named_parameters() if p.requires_grad}
+    given = set(model_state)
+    missing = sorted(mine - given)
+    if missing or not all(is_adapter(k) for k in given):
+        raise ValueError(
+            f"train.lora: the checkpoint does not hold this run's LoRA adapters ({len(missing)} of {len(mine)} "
+            f"missing, e.g. {missing[:2]}; {len(given)} keys given, e.g. {sorted(given)[:2]}): it was written by "
+            f"a run with other train.lora settings (target_modules) or without LoRA; resume with the same "
+            f"train.lora, or start a new run")
 
 
 _FLAT_SECTIONS = ("state.", "param_groups.")
@@ -152,11 +180,12 @@ def unflatten_optimizer_state(flat: dict, group_names: list[list[str]]) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def iter_full_tensors(engine):
+def iter_full_tensors(engine, trainable_only: bool = False):
     """(HF name, whole tensor) for every weight and persistent buffer this rank's pipeline
     stage holds, one at a time, in a fixed order: each sharded tensor is all-gathered over
     the ranks that shard it when its turn comes (collective: every rank of the stage iterates
-    in step), so no rank ever holds more than one whole tensor at once."""
+    in step), so no rank ever holds more than one whole tensor at once. trainable_only: the
+    parameters that require grad (LoRA: the adapters, under the engine's names)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.tensor import DTensor
 
@@ -164,7 +193,8 @@ def iter_full_tensors(engine):
         yield from ds_state.iter_full_tensors(engine.ds_engine)
         return
     multi = len(engine.modules) > 1
-    local = get_model_state_dict(_container(engine), options=StateDictOptions(full_state_dict=False))
+    local = get_model_state_dict(_container(engine), options=StateDictOptions(full_state_dict=False,
+                                                                              ignore_frozen_params=trainable_only))
     for key in sorted(local):
         value = local[key]
         full = value.full_tensor() if isinstance(value, DTensor) else value

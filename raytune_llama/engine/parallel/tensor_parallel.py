@@ -14,6 +14,15 @@ logit are all-reduced over tp instead of gathering the logits. Stages return pla
 tensors (model_stages._to_local), so the loss rebuilds the DTensor from this rank's vocab
 columns with `vocab_parallel_mesh`. Where tp does not divide the vocabulary the embedding and
 lm_head stay replicated and the loss is the plain one.
+
+LoRA (docs/lora.md): a peft-wrapped projection keeps its style on `base_layer`; its adapters
+follow the base. Column-parallel base: lora_B column-parallel too (each rank its rows of the
+output), lora_A replicated (its input is the replicated one; its gradient is the same on every
+rank because ColwiseParallel all-reduces lora_B's input gradient). Row-parallel base: lora_A
+row-parallel with the base's output layout (its r-wide partial sums reduced like the base's
+output: all-reduce, or reduce-scatter along the sequence under sequence parallel), lora_B
+replicated; under sequence parallel lora_B sees a sequence shard, so it is a replicated DTensor
+(SequenceParallel) whose weight gradient is reduced over tp like the norms'.
 """
 from __future__ import annotations
 
@@ -132,6 +141,29 @@ def _local_rows_lookup(self: nn.Embedding, ids: torch.Tensor) -> DTensor:
     return DTensor.from_local(out, weight.device_mesh, [Partial()], run_check=False)
 
 
+def with_adapters(layer_plan: dict[str, ParallelStyle], layer: nn.Module,
+                  sequence_parallel: bool) -> dict[str, ParallelStyle]:
+    """`layer_plan` for a decoder layer whose projections may be peft LoRA layers: the base
+    style moves to `<name>.base_layer` and the adapters get theirs (module doc)."""
+    from .lora import ADAPTER, is_lora_layer
+
+    plan: dict[str, ParallelStyle] = {}
+    for name, style in layer_plan.items():
+        if not is_lora_layer(layer.get_submodule(name)):
+            plan[name] = style
+            continue
+        plan[f"{name}.base_layer"] = style
+        if isinstance(style, ColwiseParallel):
+            plan[f"{name}.lora_B.{ADAPTER}"] = ColwiseParallel()
+        elif isinstance(style, RowwiseParallel):
+            plan[f"{name}.lora_A.{ADAPTER}"] = RowwiseParallel(output_layouts=style.output_layouts[0])
+            if sequence_parallel:
+                plan[f"{name}.lora_B.{ADAPTER}"] = SequenceParallel(use_local_output=True)
+        else:
+            raise TypeError(f"no LoRA tensor-parallel layout for {name} with {type(style).__name__}")
+    return plan
+
+
 def outer_tp_plan(stage: CausalLMStage, sequence_parallel: bool) -> dict[str, ParallelStyle]:
     """TP layout of the embedding / final norm / lm_head held by this stage."""
     seq = Shard(1) if sequence_parallel else Replicate()
@@ -172,7 +204,7 @@ def apply_tensor_parallel(stage: CausalLMStage, tp_mesh: DeviceMesh, sequence_pa
         stage.lm_head.weight = stage.model.embed_tokens.weight
     layer_plan = decoder_layer_tp_plan(sequence_parallel)
     for layer in stage.model.layers.values():
-        parallelize_module(layer, tp_mesh, layer_plan)
+        parallelize_module(layer, tp_mesh, with_adapters(layer_plan, layer, sequence_parallel))
     if sequence_parallel:
         stage.sp_degree = tp
     log.info("tensor parallel: tp=%d sequence_parallel=%s over %d layers (%s)",
