@@ -199,6 +199,9 @@ class CheckpointConfig:
     backend; else full) | full (rank 0 writes the gathered whole model: small models) |
     sharded (every rank writes only its own shards with torch.distributed.checkpoint; needed
     for 70B). Either format resumes in any layout, world size and backend."""
+    save_at_end: bool = True
+    """Save a checkpoint after the last step of the run (or of this invocation). False only for
+    throw-away runs (raytune-llama tune-layout's trials: a 70B checkpoint is ~850 GB)."""
     keep_best: Optional[str] = None
     """eval_loss: also keep the checkpoint with the lowest validation loss (besides the last
     keep_last ones)."""

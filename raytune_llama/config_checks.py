@@ -11,6 +11,7 @@ from raytune_llama.config import FILE_READERS, ROW_FORMATS
 from raytune_llama.engine.hf_cache import ModelNotFoundError, looks_like_hub_id, resolve_pretrained
 from raytune_llama.engine.packing import PACKING_MODES
 from raytune_llama.lora_settings import lora_problems
+from raytune_llama.tracker_settings import tracker_problems
 from raytune_llama.presets import known_presets
 
 if TYPE_CHECKING:
@@ -86,12 +87,12 @@ def collect_problems(cfg: "Config", check_files: bool = True) -> list[str]:
                         f"always keeps fp32 master weights; use master_weights: fp32, or a torch layout")
     problems += _check_sft_and_eval(cfg)
     problems += lora_problems(cfg.train.lora)
-    from raytune_llama.trainer.trackers import tracker_problems
-
     problems += tracker_problems(cfg.run.trackers)
     for key in ("shuffle", "hf_streaming"):
         if not isinstance(getattr(cfg.data, key), bool):
             problems.append(f"data.{key}: {getattr(cfg.data, key)!r} must be true or false")
+    if not isinstance(cfg.checkpoint.save_at_end, bool):
+        problems.append(f"checkpoint.save_at_end: {cfg.checkpoint.save_at_end!r} must be true or false")
     async_save = cfg.checkpoint.async_save
     if not isinstance(async_save, bool):
         problems.append(f"checkpoint.async_save: {async_save!r} must be true or false")

@@ -16,6 +16,9 @@ def register(subparsers) -> None:
                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    p.add_argument("--merge", action="store_true",
+                   help="train.lora runs: also merge the exported adapter into the base model at EXPORT-merged "
+                        "(loadable with AutoModelForCausalLM.from_pretrained; raytune-llama merge-lora does the same)")
     p.set_defaults(func=run)
 
 
@@ -36,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     except TorchVersionError as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
+    if args.merge and not cfg.train.lora:
+        print("raytune-llama: --merge: the config has no train.lora, so the export is already a whole model",
+              file=sys.stderr)
+        return 2
     if args.validate_only:
         print("config OK")
         return 0
@@ -47,4 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)
+    if args.merge and summary.get("export_path"):
+        from raytune_llama.cli.merge_lora_command import merge_run_adapter
+
+        print(f"  merged model {merge_run_adapter(summary['export_path'])}", flush=True)
     return 0

@@ -136,3 +136,10 @@ def merge_lora(base: str, adapter: str, out: str, max_shard_bytes: int | None = 
     _finish(tmp, final, writer.files, AutoConfig.from_pretrained(base_dir), _tokenizer(adapter_dir, base_dir), None)
     return final
 
+
+def merge_run_adapter(export_path: str | Path, max_shard_bytes: int | None = None) -> Path:
+    """`finetune --merge`: the adapter a LoRA run exported, merged into its base model (named in
+    adapter_config.json) at `{export}-merged`."""
+    adapter = Path(export_path)
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    return merge_lora(config["base_model_name_or_path"], str(adapter), f"{adapter}-merged", max_shard_bytes)

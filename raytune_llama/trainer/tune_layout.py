@@ -282,15 +282,16 @@ def candidates(cfg: Config, model_path: str, topology, top_k: int) -> list[dict]
 def trial_config(cfg: Config, layout: str, name: str, steps: int, trials_dir: Path, store_dir: str) -> dict:
     """The config of one trial (a dict: it travels to the trial): the run's model, data and
     cluster with `layout`, a fresh run of `steps` steps under trials_dir, nothing that costs
-    time between the measured steps (no checkpoint before the last step, which the run always
-    saves after its timing; no export, evaluation, trackers or restarts), every step reported."""
+    time: no checkpoint at all (checkpoint.save_at_end false: at 70B one would be ~850 GB per
+    trial), no export, evaluation, trackers or restarts; every step reported."""
     d = cfg.to_dict()
     d["parallel"].update(layout=layout, min_workers=None)
     d["train"].update(max_steps=max(int(cfg.train.max_steps), steps + 1),  # > stop: no export at the end
                       stop_after_steps=steps, log_every=1, eval_every_steps=0, eval_max_batches=1)
     # eval_fraction stays: it is part of the training store's identity (the same rows as the run).
     d["data"].update(store_dir=store_dir, eval_path=None)
-    d["checkpoint"].update(every_steps=0, resume="never", async_save=False, keep_best=None, keep_last=1)
+    d["checkpoint"].update(every_steps=0, save_at_end=False, resume="never", async_save=False, keep_best=None,
+                           keep_last=1)
     d["run"].update(name=name, storage_path=str(trials_dir), export_dir=None, address=None, trackers=[],
                     max_failures=0)
     config_from_dict(d).validate()  # a problem here is the search's, not a trial's

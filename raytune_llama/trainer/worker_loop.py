@@ -154,7 +154,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "predicted_memory_bytes": perf.get("predicted_memory_bytes"),
             "peak_memory_bytes": peak_memory_bytes(device),
         }
-        due = step == stop_at or bool(ck.every_steps and step % ck.every_steps == 0)
+        due = (step == stop_at and ck.save_at_end) or bool(ck.every_steps and step % ck.every_steps == 0)
         if eval_store is not None and eval_due(step, stop_at, t.max_steps, t.eval_every_steps, due, keep_best):
             # Outside the step watchdog (a whole validation set may take longer than a step's
             # bound); each collective still fails after run.collective_timeout_s.

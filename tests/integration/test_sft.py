@@ -79,4 +79,9 @@ def test_the_adapter_exports_in_peft_format_and_reproduces_the_run(sft_run):
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = tuned.generate(ids, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
+        assert out.shape[1] > ids.shape[1]
+        # finetune --merge: the adapter merged into the base, a plain HF model with the same logits
+        from raytune_llama.cli.merge_lora_command import merge_run_adapter
+
+        merged = AutoModelForCausalLM.from_pretrained(str(merge_run_adapter(export))).eval()
+        torch.testing.assert_close(merged(ids).logits, tuned(ids).logits, rtol=1e-4, atol=1e-4)

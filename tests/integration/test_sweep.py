@@ -1,14 +1,14 @@
-"""`raytune-llama sweep` on the shared Ray cluster: 4 trials of the tiny chat SFT config, ASHA on
-the validation loss stops the hopeless ones early, the best config is printed and its
-checkpoint loads into an engine (docs/tune.md)."""
+"""`raytune-llama sweep` submitted with `ray job submit` to the shared Ray head: 4 trials of the
+tiny chat SFT config, ASHA on the validation loss stops the hopeless ones early, the best config
+is printed and its checkpoint loads into an engine (docs/tune.md)."""
 import json
 import os
+import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.integration.conftest import REPO
+from tests.integration.conftest import RAY, REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 8
@@ -16,19 +16,27 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def sweep(ray_head, tmp_path_factory):
+    """Submitted as a user would: `ray job submit -- raytune-llama sweep ...` to the head's job server."""
     tmp = tmp_path_factory.mktemp("sweep")
-    cmd = [sys.executable, "-m", "raytune_llama.cli.main", "sweep", str(REPO / "examples/configs/tiny_chat.yaml"),
-           # in grid order: a learning rate that learns, two that cannot in 8 steps, one more that learns
-           "--param", "train.lr=grid:3e-3,1e-7,1e-6,1e-3", "--samples", "1", "--scheduler", "asha", "--json",
-           "--address", ray_head.gcs_address,
-           "--set", f"model.name_or_path={tmp}/models/tiny-llama", "--set", f"run.storage_path={tmp}/runs",
-           "--set", f"train.max_steps={STEPS}", "--set", "train.eval_every_steps=2", "--set", "train.eval_max_batches=2",
-           "--set", "train.global_batch_size=8", "--set", "train.warmup_steps=1", "--set", "checkpoint.every_steps=4",
-           "--set", "checkpoint.keep_best=null"]
-    out = subprocess.run(cmd, cwd=REPO, env={**os.environ, **ray_head.env}, capture_output=True, text=True,
-                         timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return tmp, json.loads(out.stdout.strip().splitlines()[-1])
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", ray_head.dashboard_url, "--working-dir", str(REPO), "--no-wait", "--",
+         "raytune-llama", "sweep", "examples/configs/tiny_chat.yaml",
+         # in grid order: a learning rate that learns, two that cannot in 8 steps, one more that learns
+         "--param", "train.lr=grid:3e-3,1e-7,1e-6,1e-3", "--samples", "1", "--scheduler", "asha", "--json",
+         "--set", f"model.name_or_path={tmp}/models/tiny-llama", "--set", f"run.storage_path={tmp}/runs",
+         "--set", f"train.max_steps={STEPS}", "--set", "train.eval_every_steps=2", "--set", "train.eval_max_batches=2",
+         "--set", "train.global_batch_size=8", "--set", "train.warmup_steps=1", "--set", "checkpoint.every_steps=4",
+         "--set", "checkpoint.keep_best=null"],
+        env=ray_head.env, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+    logs = subprocess.run([RAY, "job", "logs", "--follow", "--address", ray_head.dashboard_url, job_id],
+                          env=ray_head.env, capture_output=True, text=True, timeout=900).stdout
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    assert JobSubmissionClient(ray_head.dashboard_url).get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    report = next(line for line in reversed(logs.splitlines()) if line.startswith('{"metric"'))
+    return tmp, json.loads(report)
 
 
 def test_asha_stops_hopeless_trials_and_names_the_best(sweep):

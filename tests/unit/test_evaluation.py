@@ -88,3 +88,19 @@ def test_the_best_checkpoint_survives_besides_the_last_ones(tmp_path):
     left = sorted(p.name[-8:-7] for p in tmp_path.glob("checkpoint_*"))
     assert left == ["2", "4", "5"]  # the best (step 2) and the last two
     assert best["step"] == 2 and best_checkpoint(tmp_path)["eval_loss"] == 2.0
+
+
+def test_eval_path_is_a_store_of_its_own_read_whole(tmp_path):
+    """data.eval_path: another corpus, read like data.path, its own store; every row is validation."""
+    from raytune_llama.config import ConfigError, load_config
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"train {i} " * 4}) + "\n" for i in range(50)))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"text": f"valid {i} " * 4}) + "\n" for i in range(20)))
+    data = DataConfig(path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "val.jsonl"), seq_len=32)
+    train = open_token_store(data, TOK, tmp_path / "s")
+    val = build_all(open_token_store(data, TOK, tmp_path / "s", path=data.eval_path).path, TOK)
+    assert val.path != train.path and val.spec["eval_fraction"] == 0.0
+    out = evaluate(_OneProcessEngine(), TokenStore(val.path, part="train"), 4, None)
+    assert out["eval_tokens"] == val.counts()["tokens"] - val.counts()["documents"]  # all but each first token
+    with pytest.raises(ConfigError, match="data.eval_path: .* does not exist"):
+        load_config(None, [f"data.path={tmp_path / 'train.jsonl'}", f"data.eval_path={tmp_path}/nope.jsonl"]).validate()

@@ -9,7 +9,8 @@ import pytest
 
 from raytune_llama.config import Config, load_config
 from raytune_llama.trainer import trackers
-from raytune_llama.trainer.trackers import open_trackers, tracker_problems
+from raytune_llama.tracker_settings import tracker_problems
+from raytune_llama.trainer.trackers import open_trackers
 
 RUN = "tracked-run"
 LONG_TEMPLATE = "x" * 9000  # longer than any MLflow param value may be
