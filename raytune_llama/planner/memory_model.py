@@ -426,14 +426,9 @@ def model_state_peak(model: ModelSpec, plan: ParallelPlan, workload: Workload) -
 def memory_breakdown(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
                      plan: ParallelPlan) -> MemoryBreakdown:
     """Memory of the worst pipeline stage (first and last are the candidates)."""
-    stages = sorted({0, plan.pp - 1})
-    best = None
-    for stage in stages:
-        mb = stage_memory(model, cluster, workload, plan, stage)
-        if best is None or mb.total > best.total:
-            best = mb
-    assert best is not None
-    return best
+    # max keeps the first of equal totals: stage 0, as the loop this replaces did
+    return max((stage_memory(model, cluster, workload, plan, stage) for stage in sorted({0, plan.pp - 1})),
+               key=lambda mb: mb.total)
 
 
 def vocab_parallel(model: ModelSpec, plan: ParallelPlan) -> bool:

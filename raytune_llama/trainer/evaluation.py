@@ -74,8 +74,13 @@ def evaluate(engine, store: TokenStore, global_batch: int, max_batches: Optional
         total_tokens += out["tokens"]
         batches += 1
     loss = total_ce / max(total_tokens, 1)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)), "eval_tokens": total_tokens,
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss), "eval_tokens": total_tokens,
             "eval_batches": batches}
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped where a float would overflow (a diverged run's loss)."""
+    return math.exp(min(loss, 700.0))
 
 
 def open_eval_store(spec: Optional[dict]) -> Optional[TokenStore]:

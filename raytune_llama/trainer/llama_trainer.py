@@ -238,11 +238,11 @@ class LlamaTrainer:
         }
 
 
-def perplexity(record: dict) -> float:
-    """exp(eval_loss) of a step record (a user's loop may log eval_loss alone)."""
-    import math
+def record_perplexity(record: dict) -> float:
+    """The perplexity of a step record (a user's loop may log eval_loss alone)."""
+    from raytune_llama.trainer.evaluation import perplexity
 
-    return record.get("eval_perplexity") or math.exp(min(record["eval_loss"], 700.0))
+    return record.get("eval_perplexity") or perplexity(record["eval_loss"])
 
 
 def eval_summary(records: list[dict], run_dir) -> dict:
@@ -253,7 +253,7 @@ def eval_summary(records: list[dict], run_dir) -> dict:
     evals = [r for r in records if "eval_loss" in r]
     if not evals:
         return {}
-    return {"eval_loss": evals[-1]["eval_loss"], "eval_perplexity": perplexity(evals[-1]),
+    return {"eval_loss": evals[-1]["eval_loss"], "eval_perplexity": record_perplexity(evals[-1]),
             "eval_losses": [r["eval_loss"] for r in evals], "eval_steps": [r["step"] for r in evals],
             "best_eval_loss": min(r["eval_loss"] for r in evals), "best_checkpoint": best_checkpoint(run_dir)}
 
