@@ -65,10 +65,7 @@ def evaluate(engine, store: TokenStore, global_batch: int, max_batches: Optional
     total_ce, total_tokens, batches = 0.0, 0, 0
     for positions in eval_positions(store, global_batch, max_batches, seed, shuffle):
         mine = positions[engine.dp_rank * per_rank:(engine.dp_rank + 1) * per_rank]
-        rows = store.read(mine) if mine else {"input_ids": np.zeros((0, store.seq_len), dtype=np.int64),
-                                              "labels": np.zeros((0, store.seq_len), dtype=np.int64)}
-        if store.has_positions and "position_ids" not in rows:
-            rows["position_ids"] = np.zeros((0, store.seq_len), dtype=np.int64)
+        rows = store.read(mine)  # empty for a rank past a short last batch: _fill makes up its rows
         out = engine.evaluate(model_inputs(_fill(rows, per_rank, pad_id)))
         total_ce += out["loss"] * out["tokens"]
         total_tokens += out["tokens"]
