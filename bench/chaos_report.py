@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from raytune_llama.config import load_config  # noqa: E402
-from raytune_llama.trainer.chaos import WorkerKiller, checkpoint_dirs  # noqa: E402
+from raytune_llama.testing.fault_injection import WorkerKiller, checkpoint_dirs  # noqa: E402
 from raytune_llama.trainer.llama_trainer import LlamaTrainer  # noqa: E402
 
 LAYOUT = 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"'

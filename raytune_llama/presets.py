@@ -1,25 +1,21 @@
-"""Named model configurations (HF config fields) from the planner's built-in registry,
-used to create a model with random weights (`model.random_init`) with no download."""
+"""Named model configurations (HF config fields) from the planner's built-in registry
+(planner/model_spec.py), used to create a model with random weights (`model.random_init`) with
+no download."""
 from __future__ import annotations
 
-import json
-from functools import lru_cache
-from pathlib import Path
-
-REGISTRY_DIR = Path(__file__).parent / "planner" / "registry"
+from raytune_llama.planner.model_spec import registry_entry, registry_names
 
 
-@lru_cache(maxsize=None)
 def known_presets() -> list[str]:
     """Names of the built-in model configurations."""
-    return sorted(p.stem for p in REGISTRY_DIR.glob("*.json"))
+    return registry_names()
 
 
 def preset_hf_config(name: str) -> dict:
     """The HF config dict (model_type, hidden_size, ...) of a built-in preset."""
     if name not in known_presets():
         raise ValueError(f"unknown model preset {name!r}; known presets are {known_presets()}")
-    data = json.loads((REGISTRY_DIR / f"{name}.json").read_text())
+    data = registry_entry(name)
     return dict(data.get("hf_config", data))
 
 

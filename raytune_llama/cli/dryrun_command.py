@@ -66,13 +66,13 @@ REGISTRY_ALIASES = {
 
 def registry_config(name_or_path: str) -> dict | None:
     """The planner registry's HF config for a registry name or a hub id, or None."""
-    from raytune_llama.planner.model_spec import REGISTRY_DIR
+    from raytune_llama.planner.model_spec import registry_entry, registry_names
 
     key = name_or_path.lower()
     name = REGISTRY_ALIASES.get(key, key)
-    for path in sorted(REGISTRY_DIR.glob("*.json")):
-        data = json.loads(path.read_text())
-        if path.stem == name or str(data.get("_name_or_path", "")).lower() == key:
+    for stem in registry_names():
+        data = registry_entry(stem)
+        if stem == name or str(data.get("_name_or_path", "")).lower() == key:
             return data
     return None
 

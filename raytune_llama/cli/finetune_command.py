@@ -1,9 +1,10 @@
-"""`raytune-llama finetune CONFIG.yaml [--set section.key=value ...] [--address ADDR]`."""
+"""`raytune-llama finetune CONFIG.yaml [--set section.key=value ...] [--address ADDR] [--verbose]`."""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from raytune_llama import console
 from raytune_llama.config import ConfigError, load_config
 from raytune_llama.versions import TorchVersionError, check_torch_version
 
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--merge", action="store_true",
                    help="train.lora runs: also merge the exported adapter into the base model at EXPORT-merged "
                         "(loadable with AutoModelForCausalLM.from_pretrained; raytune-llama merge-lora does the same)")
+    console.add_verbose_flag(p)
     p.set_defaults(func=run)
 
 
@@ -47,15 +49,22 @@ def run(args: argparse.Namespace) -> int:
         print("config OK")
         return 0
     from raytune_llama.trainer.llama_trainer import LlamaTrainer, format_summary
+    from raytune_llama.trainer.run_dir import absolutize
 
+    console.setup(args.verbose, absolutize(cfg).run_dir / "logs")
     try:
         summary = LlamaTrainer(cfg).fit()
     except ConfigError as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
+    except BaseException:  # the error itself is printed as always; say where the hidden lines went
+        console.point_to_logs()
+        raise
     print(format_summary(summary), flush=True)
     if args.merge and summary.get("export_path"):
         from raytune_llama.cli.merge_lora_command import merge_run_adapter
 
         print(f"  merged model {merge_run_adapter(summary['export_path'])}", flush=True)
+    if console.logs_line():  # where the lines hidden from this console went
+        print(console.logs_line(), flush=True)
     return 0

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from raytune_llama import console
 from raytune_llama.config import ConfigError, load_config
 
 
@@ -28,6 +29,7 @@ def register(subparsers) -> None:
                    help="override a config value for every trial (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    console.add_verbose_flag(p)
     p.set_defaults(func=run)
 
 
@@ -47,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
+    from pathlib import Path
+
+    # Next to the sweep's own folder (trainer/sweep.py: STORAGE/NAME-sweep)
+    console.setup(args.verbose, Path(cfg.run.storage_path).absolute() / f"{cfg.run.name}-sweep" / "logs")
     p = cfg.parallel
     own = cluster.connect(cfg.run.address, cluster.local_num_cpus(p.num_workers, p.cpus_per_worker,
                                                                     cfg.run.local_num_cpus), with_dashboard=True)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import sys
 
+from raytune_llama import console
 from raytune_llama.config import ConfigError, load_config
 from raytune_llama.planner.errors import PlanError
 from raytune_llama.versions import TorchVersionError, check_torch_version
@@ -30,6 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train.global_batch_size=16 (repeatable)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    console.add_verbose_flag(p)
     p.set_defaults(func=run)
 
 
@@ -47,7 +49,13 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, TorchVersionError) as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
+    from pathlib import Path
+
     from raytune_llama.trainer.tune_layout import format_report, tune_layout
+
+    # Next to the measurements (trainer/tune_layout.py: STORAGE/NAME/tune_layout)
+    console.setup(args.verbose, Path(cfg.run.storage_path).expanduser().resolve() / cfg.run.name / "tune_layout"
+                  / "logs")
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from raytune_llama.engine.atomic_files import write_atomic
 from raytune_llama.engine.checkpoint_hashing import HashedFiles, HashingFileSystemWriter, file_sha256
 
 MANIFEST = "MANIFEST.json"
@@ -44,13 +45,7 @@ def _write_atomic(path: Path, write, hashed: HashedFiles | None = None) -> dict:
     """write(stream) into a temp file, fsync, rename over `path`; returns the file's {"bytes",
     "sha256"}, computed while writing (recorded in `hashed` too when given)."""
     hashed = HashedFiles() if hashed is None else hashed
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with hashed.open(tmp) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    hashed.rename(tmp, path)
+    write_atomic(path, write, open_tmp=hashed.open, renamed=hashed.rename)
     return hashed.entry(path)
 
 

@@ -48,13 +48,8 @@ WRITING = "WRITING"  # marker in a checkpoint folder whose ranks are still writi
 
 
 def resolve_format(requested: str, plan) -> str:
-    """checkpoint.format 'auto' -> 'sharded' where the layout shards the model's state over
-    ranks on the torch backend (FSDP/ZeRO, TP, PP: no rank gathers the whole model), else
-    'full' (one process, DDP replicas, DeepSpeed, whose state is assembled whole anyway)."""
-    if requested != "auto":
-        return requested
-    shards = (plan.zero_stage >= 1 and plan.dp_shard > 1) or plan.tp > 1 or plan.pp > 1
-    return "sharded" if plan.backend == "torch" and shards else "full"
+    """checkpoint.format: 'auto' is the plan's own format (ParallelPlan.checkpoint_format)."""
+    return plan.checkpoint_format if requested == "auto" else requested
 
 
 def choose_checkpoint(candidates: list[Path]) -> tuple[Path | None, list[str]]:

@@ -5,27 +5,12 @@ ParallelEngine from its safetensors, each rank reading only what it keeps (build
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from raytune_llama.engine.atomic_files import replace_dir
+from raytune_llama.engine.atomic_files import write_dir_atomic
 from raytune_llama.engine.hf_cache import resolve_pretrained
 from raytune_llama.engine.tokenizer_build import SHIPPED_TOKENIZER, load_tokenizer
 from raytune_llama.presets import preset_config
-
-
-def _atomic_dir(final: Path, write) -> Path:
-    """Call write(tmp_dir), then rename tmp_dir to final (replacing nothing that exists)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        replace_dir(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def create_random_model(path: str | os.PathLike, preset: str, seed: int = 0) -> Path:
@@ -42,7 +27,7 @@ def create_random_model(path: str | os.PathLike, preset: str, seed: int = 0) -> 
         model.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(SHIPPED_TOKENIZER).save_pretrained(tmp)
 
-    return _atomic_dir(Path(path), write)
+    return write_dir_atomic(path, write)
 
 
 def ensure_model(name_or_path: str, random_init: str | None, seed: int = 0) -> str:
@@ -92,11 +77,12 @@ def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_d
     from transformers import AutoConfig
 
     from raytune_llama.engine.parallel import ParallelEngine
-    from raytune_llama.engine.parallel.lora import check_lora_plan, lora_settings
+    from raytune_llama.engine.parallel.lora import lora_settings
+    from raytune_llama.engine.parallel.plan_check import check_plan
     from raytune_llama.engine.parallel.sharded_load import meta_model
 
     lora = lora_settings(lora)
-    check_lora_plan(plan, lora)  # before anything is read or built
+    check_plan(plan, lora=lora)  # before anything is read or built (the model's rules: ParallelEngine)
     path = _local_model_folder(model_path)
     dtype = master_dtype(master_weights)
     if master_weights == "bf16" and plan.backend == "deepspeed":

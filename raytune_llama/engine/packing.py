@@ -13,7 +13,7 @@ it; `none` gives every document a row of its own (docs/data.md "Packing").
 
 When documents have ids, each row records the comma-joined ids of the documents that START
 in it: every document is listed in exactly one row, which lets a run prove that no document
-was trained on twice or skipped (docs/data.md "Exactly-once audit")."""
+was trained on twice or skipped (README, "Exactly-once data"; docs/data.md "Order, shuffling and resume")."""
 from __future__ import annotations
 
 from itertools import chain

@@ -62,7 +62,7 @@ StallCallback = Callable[[int, int, float, float], None]
 @dataclass(frozen=True)
 class _Armed:
     step: int
-    started: float  # time.monotonic()
+    started: float  # StepWatchdog's clock (time.monotonic)
     bound_s: float
     thread_id: int  # the loop thread, whose stack the error shows
 
@@ -122,13 +122,18 @@ class StepWatchdog:
     def __init__(self, rank: int, first_step_timeout_s: float, step_timeout_s: Optional[float] = None,
                  on_stall: Optional[StallCallback] = None, *, auto_floor_s: float = AUTO_FLOOR_S,
                  auto_factor: float = AUTO_FACTOR, callback_timeout_s: float = 10.0,
-                 exit_code: int = STALL_EXIT_CODE, tighten_process_groups: bool = True):
+                 exit_code: int = STALL_EXIT_CODE, tighten_process_groups: bool = True,
+                 clock: Callable[[], float] = time.monotonic):
+        """`clock` (monotonic seconds) times the steps and their deadlines; tests pass a fake one
+        so that a loaded machine cannot stretch a step. The watch thread still waits in real time
+        between looks at it: with a fake clock that never reaches a deadline it never fires."""
         if first_step_timeout_s <= 0 or (step_timeout_s is not None and step_timeout_s <= 0):
             raise ValueError(f"step bounds must be > 0 seconds (first {first_step_timeout_s}, step {step_timeout_s})")
         self.rank, self.first_step_timeout_s, self.step_timeout_s = rank, float(first_step_timeout_s), step_timeout_s
         self.on_stall, self.callback_timeout_s, self.exit_code = on_stall, callback_timeout_s, exit_code
         self.auto_floor_s, self.auto_factor = auto_floor_s, auto_factor
         self.tighten_process_groups = tighten_process_groups
+        self._clock = clock
         self.steps_done = 0
         self._slowest_ordinary: Optional[float] = None  # slowest step that ran under a tightened bound
         self._slowest_relaxed: Optional[float] = None  # slowest first / relaxed step
@@ -139,7 +144,7 @@ class StepWatchdog:
         self._collective_timeout_s: Optional[float] = None  # last value set on the process groups
         self.stalled_at: Optional[str] = None
         """Set before on_stall runs: the innermost frame of the stalled loop thread, e.g.
-        'trainer/chaos.py:120 in stall_if_injected' (a rank waiting for a stalled peer shows
+        'testing/fault_injection.py:131 in stall_if_injected' (a rank waiting for a stalled peer shows
         a torch.distributed frame, or an autograd one for collectives run by backward hooks)."""
 
     @property
@@ -158,14 +163,14 @@ class StepWatchdog:
         relaxed = relaxed or self.steps_done == 0
         bound = self.first_step_timeout_s if relaxed else self.bound_s
         self._set_collective_timeout(min(self.first_step_timeout_s, COLLECTIVE_MARGIN * bound))
-        started = time.monotonic()
+        started = self._clock()
         self._arm(_Armed(step, started, bound, threading.get_ident()))
         try:
             yield bound
         finally:
             self._arm(None)
             self._set_collective_timeout(self.first_step_timeout_s)
-        took = time.monotonic() - started  # only a step that completed gets here
+        took = self._clock() - started  # only a step that completed gets here
         self.steps_done += 1
         if relaxed:
             self._slowest_relaxed = max(self._slowest_relaxed or 0.0, took)
@@ -202,14 +207,14 @@ class StepWatchdog:
                 if armed is None:
                     self._cond.wait()
                     continue
-                remaining = armed.deadline - time.monotonic()
+                remaining = armed.deadline - self._clock()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
         self._stall(armed)
 
     def _stall(self, armed: _Armed) -> None:
-        waited = time.monotonic() - armed.started
+        waited = self._clock() - armed.started
         frame = sys._current_frames().get(armed.thread_id)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else "(loop thread not found)\n"
         self.stalled_at = _frame_name(frame)

@@ -17,7 +17,7 @@ from raytune_llama.planner.errors import NoFeasiblePlanError, PlanError
 from raytune_llama.planner.memory_model import MemoryBreakdown, memory_breakdown, memory_limit
 from raytune_llama.planner.model_spec import ModelSpec, load_model
 from raytune_llama.planner.plan import ParallelPlan
-from raytune_llama.planner.rules import LORA_DEEPSPEED, plan_violations
+from raytune_llama.planner.rules import STRUCTURAL, plan_violations
 from raytune_llama.planner.search import Candidate, fits_somewhere, search
 from raytune_llama.planner.time_model import TimeBreakdown, step_time
 from raytune_llama.planner.workload import Workload, as_workload
@@ -294,12 +294,12 @@ def estimate(model: Any, cluster: Any = None, workload: Any = None,
                       {k: v for k, v in kwargs.items() if k not in ckeys})
     p = complete_layout(layout, c, w)
     text = layout if isinstance(layout, str) else p.describe()
-    reasons = plan_violations(m, c, w, p)
+    violations = plan_violations(m, c, w, p)
+    reasons = [v.message for v in violations]
     limit, cap = memory_limit(c, w), c.hardware.memory_bytes
-    # No prediction where the layout cannot run at all (DeepSpeed does not train LoRA adapters).
-    structural = [r for r in reasons if "world size" in r or "global batch" in r or ">= 1" in r
-                  or r == LORA_DEEPSPEED]
-    if structural:
+    # No prediction where the layout cannot run at all (rules.STRUCTURAL: wrong world size or
+    # global batch, a degree below 1, LoRA on DeepSpeed).
+    if any(v.code in STRUCTURAL for v in violations):
         return Estimate(text, p, None, None, False, reasons, limit, cap, w, m)
     mem = memory_breakdown(m, c, w, p)
     t = step_time(m, c, w, p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -143,9 +144,19 @@ class ModelSpec:
         }
 
 
+@lru_cache(maxsize=None)
+def _registry_names() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in REGISTRY_DIR.glob("*.json")))
+
+
 def registry_names() -> list[str]:
-    """Names of the built-in model configs."""
-    return sorted(p.stem for p in REGISTRY_DIR.glob("*.json"))
+    """Names of the built-in model configs (planner/registry/*.json)."""
+    return list(_registry_names())
+
+
+def registry_entry(name: str) -> dict[str, Any]:
+    """The HF config dict of one built-in model (a name from registry_names())."""
+    return json.loads((REGISTRY_DIR / f"{name}.json").read_text())
 
 
 def from_hf_config(config: Mapping[str, Any], name: str | None = None) -> ModelSpec:
@@ -193,7 +204,7 @@ def load_model(model: "str | os.PathLike | Mapping[str, Any] | ModelSpec") -> Mo
     key = text.strip().lower()
     reg = REGISTRY_DIR / f"{key}.json"
     if reg.is_file():
-        return from_hf_config(json.loads(reg.read_text()), name=key)
+        return from_hf_config(registry_entry(key), name=key)
     path = Path(text).expanduser()
     if path.is_dir():
         path = path / "config.json"

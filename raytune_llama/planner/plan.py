@@ -53,6 +53,59 @@ class ParallelPlan:
         """Number of devices this plan uses."""
         return self.dp * self.tp * self.pp
 
+    # -- what the plan means for the engine: decided here only ------------------------------
+    @property
+    def data_parallel_wrapper(self) -> str:
+        """How the model is wrapped for data parallelism (docs/parallel_engine.md):
+        deepspeed (a DeepSpeed ZeRO engine) | none (dp == 1) | ddp (torch DDP: replicas without
+        tp or pp) | fsdp_replicate (FSDP2 `replicate`: zero_stage 0 with tp or pp, whose DTensor
+        parameters and pipeline hooks DDP does not handle) | fsdp_shard (FSDP2 `fully_shard`,
+        ZeRO 1-3 over dp_shard; HSDP when dp_replicate > 1)."""
+        if self.backend == "deepspeed":
+            return "deepspeed"
+        if self.dp == 1:
+            return "none"
+        if self.zero_stage == 0:
+            return "ddp" if self.tp == 1 and self.pp == 1 else "fsdp_replicate"
+        return "fsdp_shard"
+
+    @property
+    def uses_fsdp(self) -> bool:
+        """FSDP2 wraps the model (its MixedPrecisionPolicy does the casting, not autocast)."""
+        return self.data_parallel_wrapper in ("fsdp_replicate", "fsdp_shard")
+
+    @property
+    def autocasts(self) -> bool:
+        """With mixed precision, the engine runs forward under torch.autocast: torch layouts that
+        FSDP2 does not wrap (DeepSpeed and FSDP2 cast the parameters themselves)."""
+        return self.backend == "torch" and not self.uses_fsdp
+
+    @property
+    def syncs_gradients_once(self) -> bool:
+        """Gradients are reduced once per step, after the last micro-batch (DDP replicas and
+        ZeRO-1, which accumulates unsharded); ZeRO-2/3 reduce-scatter every micro-batch."""
+        return self.data_parallel_wrapper in ("ddp", "fsdp_replicate") or (
+            self.data_parallel_wrapper == "fsdp_shard" and self.zero_stage <= 1)
+
+    @property
+    def shards_model_state(self) -> bool:
+        """No rank holds the whole model state: ZeRO over dp_shard > 1, tensor or pipeline parallel."""
+        return (self.zero_stage >= 1 and self.dp_shard > 1) or self.tp > 1 or self.pp > 1
+
+    @property
+    def loads_sharded(self) -> bool:
+        """Every rank reads only the weights it keeps from the checkpoint files; otherwise one rank
+        reads them and the wrapper broadcasts at construction (DDP; DeepSpeed ZeRO-1/2)."""
+        wrapper = self.data_parallel_wrapper
+        return not (wrapper == "ddp" or (wrapper == "deepspeed" and self.zero_stage != 3))
+
+    @property
+    def checkpoint_format(self) -> str:
+        """What checkpoint.format 'auto' writes: sharded (each rank its own shards) where the torch
+        backend shards the model state, else full (one process, DDP replicas, DeepSpeed, whose
+        state is assembled whole anyway)."""
+        return "sharded" if self.backend == "torch" and self.shards_model_state else "full"
+
     def global_batch(self) -> int:
         """Sequences per optimizer step."""
         return self.dp * self.micro_batch_size * self.grad_accum

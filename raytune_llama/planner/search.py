@@ -14,7 +14,7 @@ from raytune_llama.planner.memory_model import (MemoryBreakdown, memory_breakdow
                                                  state_family)
 from raytune_llama.planner.model_spec import ModelSpec
 from raytune_llama.planner.plan import ParallelPlan
-from raytune_llama.planner.rules import tp_violation
+from raytune_llama.planner.rules import can_sequence_parallel, layout_violations, tp_violations
 from raytune_llama.planner.time_model import TimeBreakdown, step_time
 from raytune_llama.planner.workload import Workload
 
@@ -71,10 +71,9 @@ def degree_options(model: ModelSpec, cluster: ClusterSpec, workload: Workload,
     for tp in divisors(world):
         if c.tp is not None and tp != c.tp:
             continue
-        why = tp_violation(model, cluster, tp)
+        why = tp_violations(model, tp, cluster.devices_per_node)
         if why:
-            kind = "tp_across_nodes" if "cross" in why else "tp_heads"
-            out.rule_rejects.setdefault(kind, (f"tp={tp}", why))
+            out.rule_rejects.setdefault(why[0].code, (f"tp={tp}", why[0].message))
             continue
         for pp in divisors(world // tp):
             if c.pp is not None and pp != c.pp:
@@ -116,14 +115,12 @@ def shard_options(cluster: ClusterSpec, workload: Workload, tp: int, pp: int, dp
     return opts
 
 
-def schedule_options(model: ModelSpec, pp: int, ga: int) -> list[tuple[str, int]]:
-    """(schedule, virtual stages) choices for a pipeline degree and micro-batch count."""
+def schedule_options(pp: int) -> list[tuple[str, int]]:
+    """(schedule, virtual stages) choices for a pipeline degree; the ones a micro-batch count or
+    the model's depth rules out are dropped by rules.layout_violations."""
     if pp == 1:
         return [("1f1b", 1)]
-    opts = [("1f1b", 1), ("gpipe", 1)]
-    if ga >= pp:
-        opts += [("interleaved_1f1b", v) for v in VIRTUAL_STAGES if pp * v <= model.num_layers]
-    return opts
+    return [("1f1b", 1), ("gpipe", 1)] + [("interleaved_1f1b", v) for v in VIRTUAL_STAGES]
 
 
 def family_floor(model: ModelSpec, cluster: ClusterSpec, workload: Workload, base: ParallelPlan,
@@ -150,11 +147,13 @@ def search(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -> Search
     limit = memory_limit(cluster, workload)
     c = workload.constraints
     recomputes = [c.recompute] if c.recompute else ["none", "selective", "full"]
+    lora_dropout = 0.0 if workload.lora else None
     for tp, pp, dp in degree_options(model, cluster, workload, out):
         per_dp = workload.global_batch // dp
         mbs_opts = [b for b in divisors(per_dp) if b <= MAX_MBS]
+        sp = can_sequence_parallel(model, tp)
         for rep, shard, zero, offload, backend in shard_options(cluster, workload, tp, pp, dp):
-            base = ParallelPlan(dp_replicate=rep, dp_shard=shard, zero_stage=zero, tp=tp, sequence_parallel=tp > 1,
+            base = ParallelPlan(dp_replicate=rep, dp_shard=shard, zero_stage=zero, tp=tp, sequence_parallel=sp,
                                 pp=pp, micro_batch_size=1, grad_accum=per_dp, recompute="full",
                                 offload=offload, backend=backend)
             # Cheapest-memory variant first: if even it does not fit, the whole family is out.
@@ -172,11 +171,15 @@ def search(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -> Search
                     mbs = mbs_opts[i]
                     ga = per_dp // mbs
                     fits_any = False
-                    for sched, v in schedule_options(model, pp, ga):
+                    for sched, v in schedule_options(pp):
                         plan = ParallelPlan(dp_replicate=rep, dp_shard=shard, zero_stage=zero, tp=tp,
-                                            sequence_parallel=tp > 1, pp=pp, pp_schedule=sched, virtual_stages=v,
+                                            sequence_parallel=sp, pp=pp, pp_schedule=sched, virtual_stages=v,
                                             micro_batch_size=mbs, grad_accum=ga, recompute=recompute,
                                             offload=offload, backend=backend)
+                        broken = layout_violations(model, plan, lora_dropout=lora_dropout)
+                        if broken:
+                            out.rule_rejects.setdefault(broken[0].code, (plan.describe(), broken[0].message))
+                            continue
                         mem = memory_breakdown(model, cluster, workload, plan)
                         out.evaluated += 1
                         if mem.total > limit:
@@ -203,8 +206,9 @@ def fits_somewhere(model: ModelSpec, cluster: ClusterSpec, workload: Workload) -
         per_dp = workload.global_batch // dp
         mbs_opts = [b for b in divisors(per_dp) if b <= MAX_MBS]
         for rep, shard, zero, offload, backend in shard_options(cluster, workload, tp, pp, dp):
-            plan = ParallelPlan(dp_replicate=rep, dp_shard=shard, zero_stage=zero, tp=tp, sequence_parallel=tp > 1,
-                                pp=pp, micro_batch_size=1, grad_accum=per_dp,
+            plan = ParallelPlan(dp_replicate=rep, dp_shard=shard, zero_stage=zero, tp=tp,
+                                sequence_parallel=can_sequence_parallel(model, tp), pp=pp, micro_batch_size=1,
+                                grad_accum=per_dp,
                                 recompute=workload.constraints.recompute or "full", offload=offload, backend=backend)
             if family_floor(model, cluster, workload, plan, mbs_opts, limit)[0]:
                 return True

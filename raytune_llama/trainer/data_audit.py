@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from collections import Counter
 
+from raytune_llama.trainer.run_events import DataEvent, to_record
+
 
 def data_record(step: int, attempt: float, rank: int, dp_rank: int, doc_ids) -> dict:
     """The progress-board record one rank pushes after a step (doc_ids: its rows' column)."""
     ids = [i for cell in doc_ids for i in str(cell).split(",") if i]
-    return {"event": "data", "step": step, "attempt": attempt, "rank": rank, "dp_rank": dp_rank, "ids": ids}
+    return to_record(DataEvent(step, attempt, rank, dp_rank, ids))
 
 
 def data_events(records: list[dict]) -> list[dict]:
-    return [r for r in records if r.get("event") == "data"]
+    return [r for r in records if r.get("event") == DataEvent.kind]
 
 
 def committed_ids(records: list[dict]) -> tuple[list[tuple[int, list[str]]], list[str]]:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from raytune_llama import console
 from raytune_llama.config import DataConfig
-from raytune_llama.config_checks import needed_columns, resolve_reader
+from raytune_llama.config_paths import needed_columns, resolve_reader
 from raytune_llama.engine.data.order import SampleOrder, chunk_order
 from raytune_llama.engine.data.sources import SourceError, list_chunks
 from raytune_llama.engine.data.store import (
@@ -146,14 +147,19 @@ class StoreBuilder:
         # The driver prints its own data line; Ray Data's per-execution INFO lines and operator
         # statistics would interleave with the progress line.
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+        console.quiet_ray_data()  # known-harmless warnings off the console; ray-data.log keeps them
         try:
             if self.pending:
                 ctx = ray.data.DataContext.get_current()
                 ctx.enable_progress_bars = False  # the driver prints its own progress line
                 ds = ray.data.from_items([{"index": i} for i in self.pending], override_num_blocks=len(self.pending))
+                # No more concurrent tasks than chunks to build: Ray Data warns (UserWarning,
+                # "The maximum number of concurrent tasks ... is set to 2, but the operator only
+                # received 1 input(s)") about a pool larger than its input.
+                size = min(self.concurrency, len(self.pending))
                 ds = ds.map(_build_task, fn_kwargs={"store": str(self.store.path),
                                                     "tokenizer_path": self.tokenizer_path},
-                            num_cpus=self.task_cpus, compute=ray.data.TaskPoolStrategy(size=self.concurrency))
+                            num_cpus=self.task_cpus, compute=ray.data.TaskPoolStrategy(size=size))
                 for _ in ds.iter_rows():
                     if self._stop.is_set():
                         return

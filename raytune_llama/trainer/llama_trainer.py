@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import time
 
+from raytune_llama import console
 from raytune_llama.config import Config, ConfigError
-from raytune_llama.trainer import chaos, cluster
+from raytune_llama.testing.fault_injection import forwarded_env
+from raytune_llama.trainer import cluster
 from raytune_llama.trainer.data_audit import audit
 from raytune_llama.trainer.run_dir import absolutize, existing_checkpoints, merge_step_history
-from raytune_llama.trainer.progress import stall_events, start_events, step_records
+from raytune_llama.trainer.run_events import step_records, summarize
 from raytune_llama.trainer.run_report import write_run_report
 
 log = logging.getLogger(__name__)
@@ -56,186 +58,220 @@ class LlamaTrainer:
 
     def _run(self, train_fn, user_args: dict | None) -> dict:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchConfig, TorchTrainer
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from raytune_llama.engine.hf_cache import resolve_pretrained
-        from raytune_llama.engine.model_io import ensure_model
-        from raytune_llama.trainer.data_pipeline import (
-            StoreBuilder,
-            dataset_info,
-            open_eval_data,
-            open_token_store,
-            store_root,
-            wait_for_first_batch,
-        )
+        from raytune_llama.trainer.progress import ProgressPrinter
         from raytune_llama.trainer.trackers import open_trackers
-        from raytune_llama.trainer.planning import elastic_world_sizes, make_run_plan
-        from raytune_llama.trainer.progress import ProgressBoard, ProgressPrinter
-        from raytune_llama.trainer.user_loop import guard_user_loop, user_loop_env
 
         cfg = self.config
         self._check_resume_policy()
         started = time.time()
         p = cfg.parallel
-        builder = eval_builder = None
+        data = None
         own_cluster = cluster.connect(
             cfg.run.address, cluster.local_num_cpus(p.num_workers, p.cpus_per_worker, cfg.run.local_num_cpus)
         )
         try:
-            model_path = ensure_model(cfg.model.name_or_path, cfg.model.random_init, cfg.model.seed)
-            # A hub id resolves to its snapshot in the HF cache, as the model does.
-            tokenizer_path = str(resolve_pretrained(cfg.model.tokenizer, "model.tokenizer")) if cfg.model.tokenizer \
-                else model_path
+            model_path, tokenizer_path = self._model_files()
             # The layout is settled before any data is read: a bad layout fails in seconds.
-            # Planned on the cluster Ray gives the run: nodes, devices per node and accelerator
-            # from ray.nodes(), the workers placed as Ray Train places them (trainer/planning.py).
-            ray_nodes = ray.nodes()
-            run_plan = make_run_plan(cfg, model_path, ray_nodes)
+            run_plan, workers = self._plan(model_path)
             perf = run_plan.performance()
-            print(f"[raytune_llama] layout ({run_plan.source}): {run_plan.plan.describe()} on "
-                  f"{run_plan.cluster.describe()}", flush=True)
-            workers = p.num_workers
-            if p.min_workers is not None and p.min_workers < p.num_workers:
-                # Every size in the range must have a layout: Ray Train may start or resize at any.
-                sizes = elastic_world_sizes(cfg, model_path, ray_nodes)
-                print(f"[raytune_llama] elastic: {p.min_workers}..{p.num_workers} workers; the global batch "
-                      f"of {cfg.train.global_batch_size} is kept at sizes {sorted(sizes)}", flush=True)
-                workers = (p.min_workers, p.num_workers)
-            d = cfg.data
-            try:  # the corpus's chunks and its token store (tokenized once per content + tokenizer + seq_len)
-                store = open_token_store(d, tokenizer_path, store_root(d, cfg.run.storage_path))
-                reserved = p.num_workers * p.cpus_per_worker  # what the training workers take at most
-                builder = StoreBuilder(store, tokenizer_path, d.shuffle_seed, d.shuffle,
-                                       cpus_free=ray.cluster_resources().get("CPU", 0) - reserved).start()
-                wait_for_first_batch(store, d, cfg.train.global_batch_size)
-                eval_store, eval_builder = open_eval_data(d, tokenizer_path, store, cfg.run.storage_path,
-                                                          cpus_free=ray.cluster_resources().get("CPU", 0) - reserved)
-            except ValueError as exc:  # an empty dataset, a column that is not there, an unreadable file
-                raise ConfigError([str(exc)]) from exc
-            info = dataset_info(store, d)
-            print(f"[raytune_llama] data: {_describe_data(info, len(builder.pending))} from {d.path}"
-                  + (f"; skipped {info.docs_skipped:,} rows without usable text (empty, missing or not a "
-                     f"string in column {d.text_column!r})" if info.docs_skipped else ""), flush=True)
-            board_name = f"raytune_llama_progress_{cfg.run.name}_{int(started * 1000)}"
-            # On the driver's node (the head, for Ray client and job drivers), as Ray Train places
-            # its controller: a board on a worker node would die with that node, and with it
-            # every step record the run summary is built from.
-            board = ProgressBoard.options(name=board_name, scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=False)).remote()
+            data = RunData.open(cfg, tokenizer_path)
+            board, board_name = self._progress_board(started)
             trackers = open_trackers(cfg.run.trackers, cfg.run_dir, cfg.run.name, cfg.to_dict()) \
                 if cfg.run.trackers else None
-            printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._report_now(
-                recs, dataset_info(store, d), started, perf),
-                on_record=trackers.record if trackers is not None else None).start()
-            env = {} if p.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
-            env.update(chaos.forwarded_env())  # fault injection (RAYTUNE_LLAMA_STALL) set on the driver
-            if user_args is None:
-                loop_config = {
-                    "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
-                    "export_path": str(cfg.export_path), "token_store": info.store_path,
-                    "eval_store": eval_store,
-                    "progress_board": board, "performance": perf, "plan": run_plan.plan.to_dict(),
-                    "cluster": run_plan.cluster.to_dict(),  # what the plan assumed; the workers check it
-                }
-            else:
-                loop_config = {**user_args, "model_path": model_path, "tokenizer_path": tokenizer_path}
-                env.update(user_loop_env(run_plan.plan, board_name, info.store_path, cfg))
+            printer = ProgressPrinter(board, on_checkpoint=lambda recs: self._write_report(
+                recs, None, data, started, perf), on_record=trackers.record if trackers is not None else None).start()
+            loop_config, env = self._loop_config(user_args, model_path, tokenizer_path, run_plan, data, board,
+                                                 board_name, perf)
             if user_args is not None:  # the user's loop runs under the run's step watchdog too
+                from raytune_llama.trainer.user_loop import guard_user_loop
+
                 train_fn = guard_user_loop(train_fn, cfg.to_dict())
-            trainer = TorchTrainer(
-                train_fn,
-                train_loop_config=loop_config,
-                torch_config=TorchConfig(timeout_s=cfg.run.collective_timeout_s),
-                scaling_config=ScalingConfig(
-                    num_workers=workers, use_gpu=p.use_gpu,
-                    resources_per_worker={"CPU": p.cpus_per_worker},
-                    placement_strategy="PACK",  # the placement the driver plans on (planner/cluster.py)
-                    elastic_resize_monitor_interval_s=p.resize_check_s,
-                ),
-                run_config=RunConfig(
-                    name=cfg.run.name, storage_path=cfg.run.storage_path,
-                    failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                    # keep_best: the run prunes itself (trainer/checkpoint_retention.py)
-                    checkpoint_config=CheckpointConfig(
-                        num_to_keep=None if cfg.checkpoint.keep_best else cfg.checkpoint.keep_last),
-                    logging_config=LoggingConfig(log_level="WARNING"),
-                    callbacks=self.callbacks or None,
-                    worker_runtime_env={"env_vars": env} if env else None,
-                ),
-            )
+            trainer = self._torch_trainer(train_fn, loop_config, env, workers, board)
             try:
                 result = trainer.fit()
             finally:
                 records = printer.stop()
                 ray.kill(board)
-            summary = self._summary(records, result, dataset_info(store, d), time.time() - started)
-            summary["layout"] = _layout_run(summary, perf)
+            summary = self._summary(records, result, data.info(), time.time() - started, perf)
             if trackers is not None:
                 trackers.finish(summary)
         finally:
-            for b in (builder, eval_builder):
-                if b is not None:
-                    b.stop()  # chunks not built yet are built by the next run that needs them
+            if data is not None:
+                data.stop()  # chunks not built yet are built by the next run that needs them
             if own_cluster:
                 ray.shutdown()
         write_run_report(cfg.run_dir, summary, merge_step_history(cfg.run_dir, step_records(records)))
         return summary
 
-    def _report_now(self, all_records: list[dict], info, started: float, perf: dict) -> None:
-        """summary.json + loss.png as of a checkpoint (the final report overwrites them)."""
-        summary = self._summary(all_records, None, info, time.time() - started)
-        summary["layout"] = _layout_run(summary, perf)
-        write_run_report(self.config.run_dir, summary, merge_step_history(self.config.run_dir, step_records(all_records)))
+    def _model_files(self) -> tuple[str, str]:
+        """The model folder (created from model.random_init when asked) and the tokenizer's; a hub
+        id resolves to its snapshot in the HF cache."""
+        from raytune_llama.engine.hf_cache import resolve_pretrained
+        from raytune_llama.engine.model_io import ensure_model
 
-    def _summary(self, all_records: list[dict], result, info, wall_s: float) -> dict:
+        m = self.config.model
+        model_path = ensure_model(m.name_or_path, m.random_init, m.seed)
+        return model_path, str(resolve_pretrained(m.tokenizer, "model.tokenizer")) if m.tokenizer else model_path
+
+    def _plan(self, model_path: str):
+        """The run's plan on the cluster Ray gives it (nodes, devices per node and accelerator from
+        ray.nodes(), the workers placed as Ray Train places them: trainer/planning.py), and the
+        worker count (a (min, max) range for an elastic run, every size of which has a layout)."""
+        import ray
+
+        from raytune_llama.trainer.planning import elastic_world_sizes, make_run_plan
+
+        cfg, p = self.config, self.config.parallel
+        ray_nodes = ray.nodes()
+        run_plan = make_run_plan(cfg, model_path, ray_nodes)
+        print(f"[raytune_llama] layout ({run_plan.source}): {run_plan.plan.describe()} on "
+              f"{run_plan.cluster.describe()}", flush=True)
+        if p.min_workers is None or p.min_workers >= p.num_workers:
+            return run_plan, p.num_workers
+        sizes = elastic_world_sizes(cfg, model_path, ray_nodes)
+        print(f"[raytune_llama] elastic: {p.min_workers}..{p.num_workers} workers; the global batch "
+              f"of {cfg.train.global_batch_size} is kept at sizes {sorted(sizes)}", flush=True)
+        return run_plan, (p.min_workers, p.num_workers)
+
+    def _progress_board(self, started: float):
+        """The actor the workers push step records and events to, on the driver's node (the head,
+        for Ray client and job drivers), as Ray Train places its controller: a board on a worker
+        node would die with that node, and with it every record the run summary is built from."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from raytune_llama.trainer.progress import ProgressBoard
+
+        name = f"raytune_llama_progress_{self.config.run.name}_{int(started * 1000)}"
+        board = ProgressBoard.options(name=name, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
+        return board, name
+
+    def _loop_config(self, user_args, model_path, tokenizer_path, run_plan, data, board, board_name, perf):
+        """What each worker's loop gets: its train_loop_config and environment variables."""
         cfg = self.config
-        records, starts = step_records(all_records), start_events(all_records)
-        last = records[-1] if records else {}
-        steady = records[1:] or records  # the first step includes warm-up work
-        tput = sum(r["tokens_per_s"] for r in steady) / len(steady) if steady else 0.0
-        mfus = [r["mfu"] for r in steady if "mfu" in r]
-        checkpoint = getattr(result, "checkpoint", None)
+        env = {} if cfg.parallel.use_gpu else {"DS_ACCELERATOR": "cpu"}  # CPU: DeepSpeed must not probe GPUs
+        env.update(forwarded_env())  # fault injection set on the driver (testing/fault_injection.py)
+        env.update(console.worker_env())  # --verbose reaches the workers (raytune_llama/console.py)
+        if user_args is not None:
+            from raytune_llama.trainer.user_loop import user_loop_env
+
+            env.update(user_loop_env(run_plan.plan, board_name, data.info().store_path, cfg))
+            return {**user_args, "model_path": model_path, "tokenizer_path": tokenizer_path}, env
         return {
+            "config": cfg.to_dict(), "model_path": model_path, "tokenizer_path": tokenizer_path,
+            "export_path": str(cfg.export_path), "token_store": data.info().store_path,
+            "eval_store": data.eval_store, "progress_board": board, "performance": perf,
+            "plan": run_plan.plan.to_dict(),
+            "cluster": run_plan.cluster.to_dict(),  # what the plan assumed; the workers check it
+        }, env
+
+    def _torch_trainer(self, train_fn, loop_config: dict, env: dict, workers, board):
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        from raytune_llama.trainer.progress import failure_reporter
+
+        cfg, p = self.config, self.config.parallel
+        return TorchTrainer(
+            train_fn,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(timeout_s=cfg.run.collective_timeout_s),
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=p.use_gpu,
+                resources_per_worker={"CPU": p.cpus_per_worker},
+                placement_strategy="PACK",  # the placement the driver plans on (planner/cluster.py)
+                elastic_resize_monitor_interval_s=p.resize_check_s,
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name, storage_path=cfg.run.storage_path,
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                # keep_best: the run prunes itself (trainer/checkpoint_retention.py)
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=None if cfg.checkpoint.keep_best else cfg.checkpoint.keep_last),
+                logging_config=LoggingConfig(log_level="WARNING"),
+                callbacks=[failure_reporter(board), *self.callbacks],
+                worker_runtime_env={"env_vars": env} if env else None,
+            ),
+        )
+
+    def _write_report(self, records: list[dict], result, data: "RunData", started: float, perf: dict) -> None:
+        """summary.json + loss.png as of a checkpoint (the final report overwrites them)."""
+        summary = self._summary(records, result, data.info(), time.time() - started, perf)
+        write_run_report(self.config.run_dir, summary, merge_step_history(self.config.run_dir, step_records(records)))
+
+    def _summary(self, records: list[dict], result, info, wall_s: float, perf: dict) -> dict:
+        """The run summary: what the events say (run_events.summarize) and the run's own facts."""
+        cfg = self.config
+        summary = summarize(records)
+        checkpoint = getattr(result, "checkpoint", None)
+        summary.update({
             "run_name": cfg.run.name,
-            "steps_this_run": len(records),
-            "final_step": last.get("step"),
             "max_steps": cfg.train.max_steps,
-            "first_loss": records[0]["loss"] if records else None,
-            "final_loss": last.get("loss"),
-            "mean_tokens_per_s": tput,
-            "mean_mfu": sum(mfus) / len(mfus) if mfus else None,
-            "predicted_step_time_s": last.get("predicted_step_time_s"),
-            "mean_step_time_s": sum(r["step_time_s"] for r in steady) / len(steady) if steady else None,
-            "tokens_seen": last.get("tokens_seen"),
-            "world_size": last.get("world_size"),
             "wall_time_s": wall_s,
             "dataset_sequences": info.num_samples,  # None while the store is still being built
             "docs_skipped": info.docs_skipped,
             "token_store": info.store_path,
             "data_chunks": [info.chunks_built, info.chunks],
-            # data.id_column: the document ids of the committed steps, in training order
-            "data_audit": audit(all_records),
+            "data_audit": audit(records),  # data.id_column: the committed steps' document ids, in order
             "checkpoint": checkpoint.path if checkpoint is not None else None,
-            "export_path": str(cfg.export_path) if last.get("step") == cfg.train.max_steps else None,
-            # worker-group restarts after a failure, and grows: Ray Train restarting the group at
-            # a larger world size because capacity came back (elastic runs; not a failure)
-            "restarts": max(len(starts) - 1, 0) - _grows(starts),
-            "grows": _grows(starts),
-            # steps computed again after a restart (work lost since the last checkpoint)
-            "steps_redone": sum(1 for r in all_records if "event" not in r) - len(records),
-            "world_size_history": [e["world_size"] for e in starts],
-            "layout_history": [e.get("layout") for e in starts],  # re-planned at every new size
-            "resumed_at_steps": [e["step"] for e in starts],
-            "worker_group_start_times": [e.get("time") for e in starts],
-            # ranks whose step ran past its bound (run.step_timeout_s), each ending its worker group
-            "stalls": [{k: e.get(k) for k in ("rank", "step", "waited_s", "bound_s", "where", "time")}
-                       for e in stall_events(all_records)],
-            "losses": [r["loss"] for r in records],
-            "steps": [r["step"] for r in records],
-            **eval_summary(records, cfg.run_dir),
-        }
+            "export_path": str(cfg.export_path) if summary["final_step"] == cfg.train.max_steps else None,
+            # the layout the last worker group ran (re-planned after a resize or on another
+            # placement than the driver planned for), else the driver's
+            "layout": next((x for x in reversed(summary["layout_history"]) if x), perf["layout"]),
+            **eval_summary(step_records(records), cfg.run_dir),
+        })
+        return summary
+
+
+class RunData:
+    """The run's token stores (training and validation), their background builders, and the
+    dataset line printed before training starts."""
+
+    def __init__(self, cfg: Config, store, builder, eval_store, eval_builder):
+        self.cfg, self.store, self.builder = cfg, store, builder
+        self.eval_store, self.eval_builder = eval_store, eval_builder
+
+    @classmethod
+    def open(cls, cfg: Config, tokenizer_path: str) -> "RunData":
+        """Open (tokenizing in the background what is not built yet) and wait until the first
+        global batch can be read; bad data is a ConfigError naming the problem."""
+        import ray
+
+        from raytune_llama.trainer.data_pipeline import (StoreBuilder, open_eval_data, open_token_store,
+                                                          store_root, wait_for_first_batch)
+
+        d, p = cfg.data, cfg.parallel
+        builder = None
+        try:  # the corpus's chunks and its token store (tokenized once per content + tokenizer + seq_len)
+            store = open_token_store(d, tokenizer_path, store_root(d, cfg.run.storage_path))
+            cpus_free = ray.cluster_resources().get("CPU", 0) - p.num_workers * p.cpus_per_worker
+            builder = StoreBuilder(store, tokenizer_path, d.shuffle_seed, d.shuffle, cpus_free=cpus_free).start()
+            wait_for_first_batch(store, d, cfg.train.global_batch_size)
+            eval_store, eval_builder = open_eval_data(d, tokenizer_path, store, cfg.run.storage_path,
+                                                      cpus_free=cpus_free)
+        except ValueError as exc:  # an empty dataset, a column that is not there, an unreadable file
+            if builder is not None:
+                builder.stop()
+            raise ConfigError([str(exc)]) from exc
+        data = cls(cfg, store, builder, eval_store, eval_builder)
+        info = data.info()
+        print(f"[raytune_llama] data: {_describe_data(info, len(builder.pending))} from {d.path}"
+              + (f"; skipped {info.docs_skipped:,} rows without usable text (empty, missing or not a "
+                 f"string in column {d.text_column!r})" if info.docs_skipped else ""), flush=True)
+        return data
+
+    def info(self):
+        """DatasetInfo as of now (chunks may still be building)."""
+        from raytune_llama.trainer.data_pipeline import dataset_info
+
+        return dataset_info(self.store, self.cfg.data)
+
+    def stop(self) -> None:
+        for b in (self.builder, self.eval_builder):
+            if b is not None:
+                b.stop()
 
 
 def record_perplexity(record: dict) -> float:
@@ -264,17 +300,6 @@ def _describe_data(info, building: int) -> str:
                 f"(token store {info.store_path}" + (", tokenized now)" if building else ", tokenized before)"))
     return (f"token store {info.store_path}: {info.chunks_built} of {info.chunks} chunks tokenized, the rest "
             f"are tokenized in the background while training runs")
-
-
-def _layout_run(summary: dict, perf: dict) -> str:
-    """The layout the last worker group ran (re-planned there after a resize or on another
-    placement than the driver planned for), else the driver's."""
-    return next((layout for layout in reversed(summary["layout_history"]) if layout), perf["layout"])
-
-
-def _grows(starts: list[dict]) -> int:
-    """Worker-group starts at a larger world size than the group before."""
-    return sum(1 for a, b in zip(starts, starts[1:]) if b["world_size"] > a["world_size"])
 
 
 def format_summary(summary: dict) -> str:

@@ -41,6 +41,9 @@ def format_progress(rec: dict) -> str | None:
                 f"on {rec['world_size']} worker(s), layout {rec['layout']}")
     if rec.get("event") in ("data", "checkpoint"):
         return None  # per-rank data audit records and checkpoint records (trackers) are not printed
+    if rec.get("event") == "failure":
+        return (f"[raytune_llama] worker(s) {rec['ranks']} failed ({'; '.join(rec['errors'])[:300]}): the worker "
+                f"group restarts from the latest checkpoint while run.max_failures allows")
     if rec.get("event") == "stall":
         at = f", at {rec['where']}" if rec.get("where") else ""
         return (f"[raytune_llama] rank {rec['rank']} stalled in step {rec['step']} (no progress for "
@@ -121,22 +124,26 @@ class ProgressPrinter:
         return self.records
 
 
+def failure_reporter(board):
+    """A Ray Train callback (it runs in Ray Train's controller) that pushes a FailureEvent to
+    the run's progress board whenever workers of the running group fail: what tells a restart
+    from a grow in the run summary (trainer/run_events.py)."""
+    from ray.train import UserCallback
 
-def step_records(records: list[dict]) -> list[dict]:
-    """Step records only, one per step: after a restart the re-run of a step replaces the
-    record from before the failure (that step was never committed)."""
-    by_step = {}
-    for rec in records:
-        if "event" not in rec:
-            by_step[rec["step"]] = rec
-    return [by_step[s] for s in sorted(by_step)]
+    from raytune_llama.trainer.run_events import FailureEvent, to_record
+
+    class FailureReporter(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            event = FailureEvent(sorted(worker_exceptions),
+                                 [_first_line(e) for _, e in sorted(worker_exceptions.items())])
+            try:
+                ray.get(board.push.remote(to_record(event)), timeout=10)
+            except Exception as exc:  # never fail Ray Train's controller over a progress record
+                log.warning("could not record a worker failure on the progress board: %s", exc)
+
+    return FailureReporter()
 
 
-def start_events(records: list[dict]) -> list[dict]:
-    """Worker-group start events, in order (one per start and restart)."""
-    return [rec for rec in records if rec.get("event") == "start"]
-
-
-def stall_events(records: list[dict]) -> list[dict]:
-    """Stall events, in order: a rank whose step ran past its bound (engine.step_watchdog)."""
-    return [rec for rec in records if rec.get("event") == "stall"]
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[-1] if text else ''}"[:300]

@@ -28,7 +28,7 @@ import os
 from typing import Optional
 
 from raytune_llama.config import Config, ConfigError
-from raytune_llama.config_checks import looks_like_hub_id
+from raytune_llama.engine.hf_cache import looks_like_hub_id
 
 
 def relative_paths(cfg: Config) -> list[str]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from raytune_llama.config import Config
-from raytune_llama.config_checks import looks_like_hub_id
+from raytune_llama.engine.hf_cache import looks_like_hub_id
 from raytune_llama.engine.atomic_files import write_bytes_atomic
 
 

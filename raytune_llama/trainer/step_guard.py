@@ -4,22 +4,20 @@ to the run's progress board, so that the driver prints which rank stalled in whi
 summary lists it."""
 from __future__ import annotations
 
-import time
-
 import ray
 
 from raytune_llama.config import Config
 from raytune_llama.engine.step_watchdog import StepWatchdog
+from raytune_llama.trainer.run_events import StallEvent, to_record
 
 BOARD_TIMEOUT_S = 5.0
 """How long a stalling worker waits for the progress board to take its report."""
 
 
 def stall_record(rank: int, step: int, waited_s: float, bound_s: float, where: str | None = None) -> dict:
-    """The progress-board record of a stall (an event: step_records() skips it); `where` is
-    the innermost frame the stalled loop was in."""
-    return {"event": "stall", "rank": rank, "step": step, "waited_s": round(waited_s, 3),
-            "bound_s": round(bound_s, 3), "where": where, "time": time.time()}
+    """The progress-board record of a stall (run_events.StallEvent); `where` is the innermost
+    frame the stalled loop was in."""
+    return to_record(StallEvent(rank, step, round(waited_s, 3), round(bound_s, 3), where))
 
 
 def make_step_watchdog(cfg: Config, rank: int, board=None) -> StepWatchdog:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from raytune_llama.config import Config, ConfigError, config_from_dict
+from raytune_llama.engine.atomic_files import write_json_atomic
 from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.planner.rank_stats import ranks, spearman
 
@@ -148,11 +149,9 @@ def calibration_record(trial: dict, context: dict) -> dict:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
+    """Write JSON atomically (a reader never sees half a file), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    write_json_atomic(path, data)
 
 
 def measured_layout_record(winner: dict, context: dict, topology: dict, steps: int) -> dict:

@@ -142,19 +142,23 @@ class GuardedUserLoop:
 
         from raytune_llama.config import config_from_dict
         from raytune_llama.engine.parallel_causal_lm import ParallelCausalLM
-        from raytune_llama.trainer.chaos import stall_if_injected
+        from raytune_llama.testing.fault_injection import stall_hook
+        from raytune_llama import console
         from raytune_llama.trainer.step_guard import make_step_watchdog
 
+        console.quiet_worker()  # as finetune's own loop: per-rank INFO lines to Ray Train's worker log
         cfg = config_from_dict(self.config)
         rank = ray.train.get_context().get_world_rank()
         board = ray.get_actor(os.environ[BOARD_ENV]) if os.environ.get(BOARD_ENV) else None
         watchdog = make_step_watchdog(cfg, rank, board)
+        stall = stall_hook(rank, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL): None normally
 
         @contextlib.contextmanager
         def guard():
             step = _last_step["step"] + 1
             with watchdog.step(step, relaxed=_last_step.pop("checkpointed", False)):
-                stall_if_injected(rank, step, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL)
+                if stall is not None:
+                    stall(step)
                 yield
 
         ParallelCausalLM.step_guard = guard

@@ -9,6 +9,7 @@ import ray.train
 import torch
 import transformers
 
+from raytune_llama import console
 from raytune_llama.config import config_from_dict
 from raytune_llama.engine.checkpoint_io import resolve_format
 from raytune_llama.engine.device_info import mfu, peak_flops, peak_memory_bytes
@@ -17,6 +18,7 @@ from raytune_llama.engine.export import export_model_streaming
 from raytune_llama.engine.model_io import build_engine
 from raytune_llama.engine.ranks import broadcast_from_rank0
 from raytune_llama.engine.tokenizer_build import load_tokenizer
+from raytune_llama.testing.fault_injection import stall_hook
 from raytune_llama.trainer.metrics_export import TrainingMetrics
 from raytune_llama.engine.data.order import SampleOrder
 from raytune_llama.engine.data.store import TokenStore
@@ -25,8 +27,8 @@ from raytune_llama.trainer.batches import iter_rank_batches, model_inputs
 from raytune_llama.trainer.checkpoint_retention import newest_checkpoint, record_and_prune
 from raytune_llama.trainer.evaluation import eval_due, evaluate, open_eval_store
 from raytune_llama.trainer.planning import compute_dtype, plan_on_workers, record_placement
-from raytune_llama.trainer.chaos import stall_if_injected
 from raytune_llama.trainer.data_audit import data_record
+from raytune_llama.trainer.run_events import CheckpointEvent, StartEvent, to_record
 from raytune_llama.trainer.step_guard import follows_checkpoint, make_step_watchdog
 
 
@@ -48,31 +50,17 @@ def _report(metrics: dict, with_checkpoint: bool, engine, meta: dict, fmt: str) 
     checkpoint_report.save_and_report(metrics, engine, meta, fmt)  # collective: every rank joins
 
 
-def _begin_async_report(engine, meta: dict, metrics: dict) -> tuple:
-    """checkpoint.async_save: stage this step's shards in host memory and write them in the
-    background (into the final folder where storage allows); the checkpoint is reported once
-    written (_finish_async_report, after the next step)."""
-    return checkpoint_report.begin_async(engine, meta, metrics)
-
-
-def _finish_async_report(pending, metrics: dict, staged: bool) -> None:
-    """Collective: wait for the background write, write the manifests, report to Ray Train."""
-    checkpoint_report.finish_async(pending, metrics, staged)
-
-
 def _after_checkpoint(cfg, board, metrics: dict) -> None:
     """Rank 0, once a checkpoint is registered: checkpoint.keep_best's pruning
     (trainer/checkpoint_retention.py) and a checkpoint record for the driver's trackers."""
     run_dir = checkpoint_report.run_dir_on_filesystem()
     folder = newest_checkpoint(run_dir) if run_dir is not None else None
-    record = {"event": "checkpoint", "step": metrics["step"], "path": str(folder) if folder else None}
-    if "eval_loss" in metrics:
-        record["eval_loss"] = metrics["eval_loss"]
+    best = None
     if cfg.checkpoint.keep_best == "eval_loss" and folder is not None:
-        record["best"] = record_and_prune(run_dir, folder, metrics["step"], metrics.get("eval_loss"),
-                                          cfg.checkpoint.keep_last)
+        best = record_and_prune(run_dir, folder, metrics["step"], metrics.get("eval_loss"), cfg.checkpoint.keep_last)
     if board is not None:
-        board.push.remote(record)
+        board.push.remote(to_record(CheckpointEvent(metrics["step"], str(folder) if folder else None,
+                                                    metrics.get("eval_loss"), best)))
 
 
 def _quiet_worker_logs() -> None:
@@ -82,6 +70,7 @@ def _quiet_worker_logs() -> None:
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
+    console.quiet_worker()  # per-rank INFO lines and library chatter: Ray Train's worker log only
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -117,8 +106,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     exporter = TrainingMetrics(cfg.run.name, perf.get("layout", f"ddp dp={world}")) if rank == 0 else None
     attempt = broadcast_from_rank0(time.time())  # names this worker group in the data audit
     if rank == 0 and board is not None:
-        board.push.remote({"event": "start", "step": step, "world_size": world, "layout": plan.describe(),
-                           "time": attempt})
+        board.push.remote(to_record(StartEvent(step, world, plan.describe(), attempt)))
     # This dp rank's rows of each global batch, read from the token store; the order is the
     # same at every world size, so a resumed or resized run continues at the exact sample.
     store = TokenStore(loop_config["token_store"])
@@ -128,6 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     eval_store = open_eval_store(loop_config.get("eval_store"))
     keep_best = ck.keep_best == "eval_loss"
     in_flight = None  # (PendingSave, metrics, staged) of a checkpoint written in the background
+    stall = stall_hook(rank, cfg.run_dir)
     watchdog = make_step_watchdog(cfg, rank, board)  # a stalled step ends this worker, naming rank and step
     while step < stop_at:
         batch = next(batches)
@@ -136,7 +125,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mine = batch.rows
         start = time.perf_counter()
         with watchdog.step(step + 1, relaxed=follows_checkpoint(cfg, step)):
-            stall_if_injected(rank, step + 1, cfg.run_dir)  # fault injection (RAYTUNE_LLAMA_STALL)
+            if stall is not None:  # fault injection (RAYTUNE_LLAMA_STALL, testing/fault_injection.py)
+                stall(step + 1)
             out = engine.train_step(model_inputs(mine))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -168,7 +158,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if board is not None:
                 board.push.remote({**metrics, "checkpoint": due})
         if in_flight is not None:  # the previous step's background checkpoint: finish, report
-            _finish_async_report(*in_flight)
+            checkpoint_report.finish_async(*in_flight)  # collective: wait, write manifests, report
             if rank == 0:
                 _after_checkpoint(cfg, board, in_flight[1])
             in_flight = None
@@ -178,7 +168,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 meta["eval_loss"] = metrics["eval_loss"]
             fmt = resolve_format(ck.format, plan)
             if due and ck.async_save and fmt == "sharded" and step < stop_at:
-                in_flight = _begin_async_report(engine, meta, metrics)  # written during the next step
+                # checkpoint.async_save: shards staged in host memory, written during the next step
+                in_flight = checkpoint_report.begin_async(engine, meta, metrics)
             else:
                 _report(metrics, bool(due), engine, meta, fmt)
                 if due and rank == 0:

@@ -102,7 +102,7 @@ def _stop_process_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
         pass
 
 
-def _connect(head: RayHead, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+def _connect(head: RayHead, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     """ray.init to the head, retried: on a loaded machine the head's raylet can register with
     its GCS after the dashboard already answers, and until then ray.init finds no node to
     attach to ("No node info found matching attributes")."""
@@ -122,7 +122,7 @@ def _connect(head: RayHead, proc: subprocess.Popen, timeout_s: float = 90) -> No
             time.sleep(2)
 
 
-def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout_s: float = 90) -> None:
+def _wait_for_dashboard(head: RayHead, proc: subprocess.Popen, timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
     res = None
     while time.time() < deadline:

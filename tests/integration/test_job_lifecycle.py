@@ -79,22 +79,23 @@ def test_stop_then_resubmit_resumes(ray_head, tmp_path):
                       "--no-wait", "--", *finetune, timeout=180)
         assert res.returncode == 0, res.stderr[-3000:]
 
-    # 1. Submit and wait (bounded) for the first checkpoint in the run directory.
+    # 1. Submit and wait for the first checkpoint in the run directory. The deadlines here only
+    # turn a hang into a failure: a loaded machine may take minutes, which is not checked.
     submit(first)
-    deadline = time.time() + 240
+    deadline = time.time() + 900
     while latest_checkpoint_step(run_dir) is None:
         status = jobs.get_job_status(first)
         assert status in (JobStatus.PENDING, JobStatus.RUNNING), (
             f"job {first} is {status} before its first checkpoint:\n{jobs.get_job_logs(first)[-4000:]}")
-        assert time.time() < deadline, f"no checkpoint after 240 s:\n{jobs.get_job_logs(first)[-4000:]}"
+        assert time.time() < deadline, f"no checkpoint after 900 s:\n{jobs.get_job_logs(first)[-4000:]}"
         time.sleep(0.2)
 
     # 2. Stop it mid-run, through the job server's API (what `ray job stop` calls): the CLI needs
     # seconds to start on a loaded 2-core machine, long enough for the run to reach its end.
     assert jobs.stop_job(first), jobs.get_job_logs(first)[-4000:]
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while not jobs.get_job_status(first).is_terminal():
-        assert time.time() < deadline, f"job {first} still running 120 s after stop_job"
+        assert time.time() < deadline, f"job {first} still running 600 s after stop_job"
         time.sleep(0.2)
     assert jobs.get_job_status(first) == JobStatus.STOPPED, jobs.get_job_logs(first)[-4000:]
     registered, resume_from = latest_checkpoint_step(run_dir), resumable_step(run_dir)

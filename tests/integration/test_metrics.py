@@ -1,5 +1,6 @@
 """TrainingMetrics recorded inside a Ray actor reach the head node's Prometheus endpoint
 (--metrics-export-port) with the run/layout tags and the values that were recorded."""
+import http.client
 import re
 import time
 import urllib.request
@@ -25,20 +26,27 @@ def parse_prometheus(text: str) -> list[tuple[str, dict, float]]:
     return samples
 
 
-def scrape_run(port: int, run: str, wanted: set[str], timeout_s: float = 120) -> dict[str, float]:
-    """Poll /metrics until every wanted series of this run is there (Ray flushes every few s)."""
-    deadline, found = time.time() + timeout_s, {}
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-                text = resp.read().decode()
-        except OSError:
-            text = ""
-        found = {name: value for name, labels, value in parse_prometheus(text) if labels.get("run") == run}
+def scrape_once(port: int, run: str) -> dict[str, float]:
+    """This run's series on the endpoint now, name -> value ({} while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except (OSError, http.client.HTTPException):
+        return {}
+    return {name: value for name, labels, value in parse_prometheus(text) if labels.get("run") == run}
+
+
+def scrape_run(port: int, run: str, wanted: set[str], timeout_s: float = 300) -> dict[str, float]:
+    """Poll /metrics until every wanted series of this run is there (Ray flushes every few s).
+    The deadline only turns a hang into a failure: how soon the series appear is not checked."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = scrape_once(port, run)
         if wanted <= set(found):
             return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"missing after {timeout_s}s: {sorted(wanted - set(found))}; found {found}")
         time.sleep(2)
-    raise AssertionError(f"missing after {timeout_s}s: {sorted(wanted - set(found))}; found {found}")
 
 
 def records(n: int) -> list[dict]:

@@ -7,13 +7,15 @@ run's losses."""
 import numpy as np
 import pytest
 
-from raytune_llama.trainer.chaos import STALL_ENV
+from raytune_llama.testing.fault_injection import STALL_ENV
 from raytune_llama.trainer.llama_trainer import LlamaTrainer
 from tests.integration.tiny_run import tiny_run_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 6
 STEP_TIMEOUT_S = 5.0
+STALL_S = 600
+"""How long the injected stall sleeps: only the watchdog can end it sooner."""
 
 
 def _cfg(tmp, name, *extra):
@@ -23,7 +25,7 @@ def _cfg(tmp, name, *extra):
 
 def test_stalled_rank_fails_fast_and_the_run_restarts(ray_head, tmp_path, monkeypatch, capsys):
     straight = LlamaTrainer(_cfg(tmp_path, "no-stall")).fit()
-    monkeypatch.setenv(STALL_ENV, "rank=1,step=4,seconds=600")
+    monkeypatch.setenv(STALL_ENV, f"rank=1,step=4,seconds={STALL_S}")
     summary = LlamaTrainer(_cfg(tmp_path, "stall", "run.max_failures=1", f"run.step_timeout_s={STEP_TIMEOUT_S}")).fit()
     printed = capsys.readouterr().out
 
@@ -33,14 +35,15 @@ def test_stalled_rank_fails_fast_and_the_run_restarts(ray_head, tmp_path, monkey
     # The stalled rank reports itself; rank 0, waiting for it in a collective, may report too.
     assert {s["rank"] for s in stalls} <= {0, 1} and {s["step"] for s in stalls} == {4}, stalls
     stalled = next(s for s in stalls if s["rank"] == 1)
-    assert stalled["bound_s"] == STEP_TIMEOUT_S and STEP_TIMEOUT_S <= stalled["waited_s"] < STEP_TIMEOUT_S + 5
+    # Not before the bound (how much later depends on the machine's load: no upper bound here).
+    assert stalled["bound_s"] == STEP_TIMEOUT_S and stalled["waited_s"] >= STEP_TIMEOUT_S, stalled
     assert stalled["where"].endswith("in stall_if_injected"), stalled  # where rank 1's loop hung
     assert "[raytune_llama] rank 1 stalled in step 4 (no progress for" in printed
-    # From the stall's start to the new worker group training again: seconds, not the 600 s
-    # collective timeout (nor torch's 30 minutes).
+    # The new worker group started after the stall began and before the injected sleep (nor the
+    # 600 s collective timeout, nor torch's 30 minutes) could have ended it: the watchdog did.
     stall_started = stalled["time"] - stalled["waited_s"]
     restarted = summary["worker_group_start_times"][1]
-    assert 0 < restarted - stall_started < 120, (stall_started, restarted)
+    assert stall_started < restarted < stall_started + STALL_S, (stall_started, restarted)
 
     np.testing.assert_allclose(summary["losses"], straight["losses"], rtol=1e-5)
     assert summary["tokens_seen"] == straight["tokens_seen"]
@@ -65,7 +68,7 @@ def test_a_user_loop_runs_under_the_step_watchdog(ray_head, tmp_path, monkeypatc
                             "checkpoint.every_steps=2", 'parallel.layout="dp_shard=2,zero_stage=3,micro_batch_size=2"')
               for arg in ("--set", s)] + ["--tiny", "--eval-every", "100"]
     straight = example.main(common + ["--set", "run.name=loop-no-stall"])
-    monkeypatch.setenv(STALL_ENV, "rank=1,step=4,seconds=600")
+    monkeypatch.setenv(STALL_ENV, f"rank=1,step=4,seconds={STALL_S}")
     summary = example.main(common + ["--set", "run.name=loop-stall", "--set", "run.max_failures=1",
                                      "--set", f"run.step_timeout_s={STEP_TIMEOUT_S}"])
     printed = capsys.readouterr().out

@@ -156,7 +156,8 @@ def _base_check(engine, model_dir: str, mixed_precision: str | None) -> dict:
     of this rank's parameters and AdamW state (collective: iter_full_tensors)."""
     from safetensors.torch import load_file
 
-    from raytune_llama.engine.parallel.lora import hf_name, is_adapter
+    from raytune_llama.engine.parallel.lora import is_adapter
+    from raytune_llama.engine.parallel.param_names import hf_name
     from raytune_llama.engine.parallel.state import iter_full_tensors
 
     files = load_file(os.path.join(model_dir, "model.safetensors"))

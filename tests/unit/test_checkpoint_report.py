@@ -1,5 +1,5 @@
 """Checkpoints written straight to a filesystem run.storage_path (trainer/checkpoint_report.py,
-called by worker_loop's `_report` / `_begin_async_report` / `_finish_async_report`): every file
+called by worker_loop: `_report`, and `begin_async` / `finish_async` directly): every file
 lands in the final checkpoint_* folder, nothing is staged in the temp directory, Ray Train is
 told not to copy (NO_UPLOAD), and `restore_latest` resumes from it; a URI storage path still stages
 and uploads; an interrupted in-place write is never resumed from and is cleaned up."""
@@ -86,10 +86,10 @@ def test_sync_save_writes_into_the_final_folder_and_resumes(ray_run, fmt):
 
 def test_async_save_writes_into_the_final_folder_in_the_background(ray_run):
     engine = FakeEngine(6.0)
-    in_flight = worker_loop._begin_async_report(engine, {"step": 6, "cursor": 48, "tokens_seen": 7}, {"step": 6})
+    in_flight = checkpoint_report.begin_async(engine, {"step": 6, "cursor": 48, "tokens_seen": 7}, {"step": 6})
     engine.model["w"].add_(100.0)  # training goes on: the checkpoint keeps the step-6 state
     assert ray_run.reports == [] and list(ray_run.staging.iterdir()) == []
-    worker_loop._finish_async_report(*in_flight)
+    checkpoint_report.finish_async(*in_flight)
     folder = _assert_reported_in_place(ray_run, 6)
     resumed = FakeEngine(0.0)
     assert checkpoint_report.restore_latest(resumed, ray_run.run_dir)["step"] == 6 and folder.is_dir()

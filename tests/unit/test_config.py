@@ -71,12 +71,12 @@ def test_missing_data_path_and_unknown_preset(tmp_path):
 def test_hub_ids_must_be_in_the_local_cache(tmp_path, monkeypatch):
     cfg = load_config(TINY, ["model.name_or_path=meta-llama/Meta-Llama-3-8B", "model.random_init=null"])
     cfg.validate(check_files=False)  # a Ray client checks files on the cluster, not here
-    from raytune_llama.config_checks import _check_model
+    from raytune_llama.config_paths import model_problems
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
-    problems = _check_model(cfg)
+    problems = model_problems(cfg.model)
     assert len(problems) == 1 and "hf download meta-llama/Meta-Llama-3-8B" in problems[0]
 
 
@@ -102,3 +102,30 @@ def test_shipped_yaml_parses_and_validates(path, monkeypatch, tmp_path):
             monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
             write_hub_model(tmp_path, cfg.model.name_or_path, preset_config("tiny-llama"))
         cfg.validate()
+
+
+def test_schema_is_the_dataclasses_and_the_planner_lists():
+    """Allowed values come from the field metadata and the planner's own lists: every shipped
+    hardware profile and model preset is accepted, types follow the annotations."""
+    from raytune_llama.config import Config
+    from raytune_llama.planner.hardware import builtin_names
+    from raytune_llama.planner.model_spec import registry_names
+
+    for hw in builtin_names():
+        cfg = Config()
+        cfg.parallel.hardware = hw
+        assert cfg.problems(check_files=False) == [], hw
+    for preset in registry_names():
+        cfg = Config()
+        cfg.model.random_init = preset
+        assert cfg.problems(check_files=False) == [], preset
+    cfg = Config()
+    cfg.parallel.hardware, cfg.parallel.use_gpu, cfg.train.eval_max_batches = "tpu", "yes", 0
+    cfg.data.chunk_mb, cfg.model.seed = "big", 1.5
+    assert sorted(cfg.problems(check_files=False)) == sorted([
+        f"parallel.hardware: 'tpu' is not one of {['auto', *builtin_names()]}",
+        "parallel.use_gpu: 'yes' must be true or false",
+        "train.eval_max_batches: 0 must be a whole number >= 1, or null for the whole validation set",
+        "data.chunk_mb: expected a number, got 'big'",
+        "model.seed: expected a whole number, got 1.5",
+    ])

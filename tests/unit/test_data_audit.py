@@ -1,7 +1,7 @@
 """The exactly-once audit on the driver: a step re-run after a restart replaces the failed
 attempt's rows; peers of a dp rank must agree; ids seen twice are listed."""
 from raytune_llama.trainer.data_audit import audit, data_record
-from raytune_llama.trainer.progress import step_records
+from raytune_llama.trainer.run_events import step_records
 
 
 def _step(step, attempt, world, ids_per_dp):

@@ -149,7 +149,8 @@ def test_merge_lora_refuses_what_it_cannot_merge(tmp_path, base_dir):
 
 
 def test_names():
-    from raytune_llama.engine.parallel.lora import hf_name, is_adapter, peft_key
+    from raytune_llama.engine.parallel.lora import is_adapter, peft_key
+    from raytune_llama.engine.parallel.param_names import hf_name
 
     name = "model.layers.3.mlp.down_proj.lora_B.default.weight"
     assert is_adapter(name) and not is_adapter("model.layers.3.mlp.down_proj.base_layer.weight")
@@ -177,7 +178,7 @@ def test_initial_adapters_equal_single_process_peft():
 def test_refusals_name_train_lora_before_anything_is_built(tmp_path):
     from raytune_llama.engine.model_io import build_engine
     from raytune_llama.engine.parallel import ParallelEngine
-    from raytune_llama.engine.parallel.lora import check_lora_plan
+    from raytune_llama.engine.parallel.plan_check import check_plan
     from raytune_llama.planner.plan import ParallelPlan
 
     deepspeed = ParallelPlan(dp_shard=2, zero_stage=3, backend="deepspeed")
@@ -187,11 +188,11 @@ def test_refusals_name_train_lora_before_anything_is_built(tmp_path):
         build_engine(str(tmp_path / "absent"), deepspeed, device_type="cpu", lr=1e-3, weight_decay=0.0,
                      betas=(0.9, 0.95), max_grad_norm=1.0, mixed_precision=None, lora={"r": 8})
     with pytest.raises(ValueError, match=r"train\.lora\.dropout: 0\.05 with tensor parallel \(tp=2\)"):
-        check_lora_plan(ParallelPlan(tp=2), LoraSettings(dropout=0.05))
+        check_plan(ParallelPlan(tp=2), lora=LoraSettings(dropout=0.05))
     with pytest.raises(ValueError, match=r"train\.lora\.r"):
         ParallelEngine(torch.nn.Linear(2, 2), ParallelPlan(), lora={"r": 0})
-    check_lora_plan(ParallelPlan(tp=2, pp=2), LORA)
-    check_lora_plan(ParallelPlan(dp_shard=2, zero_stage=3, pp=2), LoraSettings(dropout=0.1))
+    check_plan(ParallelPlan(tp=2, pp=2, grad_accum=2), lora=LORA)
+    check_plan(ParallelPlan(dp_shard=2, zero_stage=3, pp=2, grad_accum=2), lora=LoraSettings(dropout=0.1))
 
 
 def test_checkpoint_of_other_lora_settings_is_refused(tmp_path):
@@ -202,8 +203,9 @@ def test_checkpoint_of_other_lora_settings_is_refused(tmp_path):
     check_lora_matches(types.SimpleNamespace(lora=LoraSettings(r=4, alpha=8.0, dropout=0.1)), tmp_path)
     with pytest.raises(ValueError, match=r"train\.lora: the checkpoint .* was written with train\.lora"):
         check_lora_matches(types.SimpleNamespace(lora=LoraSettings(r=8, alpha=8.0)), tmp_path)
-    with pytest.raises(ValueError, match="train.lora"):
+    with pytest.raises(ValueError, match=r"written with train\.lora \{.*'r': 4.*\}, this run has None; resume with"):
         check_lora_matches(types.SimpleNamespace(lora=None), tmp_path)
     (tmp_path / "meta.json").write_text(json.dumps({"step": 3}))  # a full fine-tuning checkpoint
-    with pytest.raises(ValueError, match="train.lora"):
+    with pytest.raises(ValueError, match=r"written with train\.lora None, this run has \{.*'r': 4.*\}; .*another "
+                                         r"run\.name"):
         check_lora_matches(engine, tmp_path)

@@ -32,8 +32,12 @@ def test_plan_is_legal_fits_and_deterministic(model, hw, nodes, dpn, gb, s):
     assume(res is not None)
     p = res.plan
     assert plan_violations(res.model, cluster, res.workload, p) == []
-    assert p.dp_replicate * p.dp_shard * p.tp * p.pp == cluster.world_size
-    assert res.model.num_heads % p.tp == 0 and res.model.num_kv_heads % p.tp == 0 and p.tp <= dpn
+    # That check is not vacuous (it already covers the degrees' product, tp dividing the heads and
+    # staying in a node): the same plan on twice the devices, or with twice the micro-batch, is refused.
+    doubled = plan_violations(res.model, make_cluster(hw, 2 * nodes, dpn), res.workload, p)
+    assert any(f"must equal the world size ({2 * cluster.world_size})" in str(v) for v in doubled), doubled
+    bigger = plan_violations(res.model, cluster, res.workload, replace(p, micro_batch_size=2 * p.micro_batch_size))
+    assert any(f"must equal the global batch ({gb})" in str(v) for v in bigger), bigger
     assert memory_breakdown(res.model, cluster, res.workload, p).total <= res.limit
     again = _try_plan(model, cluster, gb, s)
     strip = lambda d: {k: v for k, v in d.items() if k != "search"}  # noqa: E731 (elapsed time differs)

@@ -187,17 +187,16 @@ def test_full_format_still_verifies(tmp_path):
 
 def test_config_format_field_and_auto_resolution():
     from raytune_llama.config import Config
-    from raytune_llama.config_checks import collect_problems
     from raytune_llama.engine.checkpoint_io import resolve_format
     from raytune_llama.planner.plan import ParallelPlan
 
     cfg = Config()
     assert cfg.checkpoint.format == "auto"
     cfg.checkpoint.format = "bogus"
-    assert any(p.startswith("checkpoint.format") for p in collect_problems(cfg, check_files=False))
+    assert cfg.problems(check_files=False) == ["checkpoint.format: 'bogus' is not one of ['auto', 'full', 'sharded']"]
     cfg.checkpoint.format = "sharded"
     cfg.parallel.layout = "dp_shard=2,zero_stage=3,backend=deepspeed"  # DeepSpeed saves either format
-    assert not any("checkpoint.format" in p for p in collect_problems(cfg, check_files=False))
+    assert not any("checkpoint.format" in p for p in cfg.problems(check_files=False))
     sharded = [ParallelPlan(dp_shard=2, zero_stage=3), ParallelPlan(tp=2), ParallelPlan(pp=2)]
     full = [ParallelPlan(), ParallelPlan(dp_replicate=2), ParallelPlan(dp_shard=2, zero_stage=3, backend="deepspeed")]
     assert [resolve_format("auto", p) for p in sharded] == ["sharded"] * 3
@@ -207,15 +206,14 @@ def test_config_format_field_and_auto_resolution():
 
 def test_async_save_needs_a_sharded_format():
     from raytune_llama.config import Config
-    from raytune_llama.config_checks import collect_problems
 
     cfg = Config()
     cfg.checkpoint.async_save = True
-    assert not any("async_save" in p for p in collect_problems(cfg, check_files=False))  # auto
+    assert not any("async_save" in p for p in cfg.problems(check_files=False))  # auto
     cfg.checkpoint.format = "full"
-    assert any(p.startswith("checkpoint.async_save") and "sharded" in p for p in collect_problems(cfg, check_files=False))
+    assert any(p.startswith("checkpoint.async_save") and "sharded" in p for p in cfg.problems(check_files=False))
     cfg.checkpoint.async_save = "yes"
-    assert any("must be true or false" in p for p in collect_problems(cfg, check_files=False))
+    assert any("must be true or false" in p for p in cfg.problems(check_files=False))
 
 
 def test_checkpoint_scale_bench_runs_the_production_path(capsys):

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from raytune_llama.config import Config, ConfigError, load_config
-from raytune_llama.trainer import chaos
-from raytune_llama.trainer.llama_trainer import LlamaTrainer, format_summary
-from raytune_llama.trainer.progress import format_progress, stall_events, step_records
+from raytune_llama.testing import fault_injection as chaos
+from raytune_llama.trainer.llama_trainer import format_summary
+from raytune_llama.trainer.progress import format_progress
+from raytune_llama.trainer.run_events import StallEvent, parse_events, step_records, summarize
 from raytune_llama.trainer.step_guard import follows_checkpoint, stall_record
 
 TINY = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny_cpu.yaml"
@@ -38,17 +39,34 @@ def test_bad_step_timeout_names_field_value_and_fix(value, expected):
     assert len(problems) == 1 and problems[0].startswith(expected), problems
 
 
+EXAMPLE = 'e.g. RAYTUNE_LLAMA_STALL="rank=1,step=4,seconds=600"'
+ONLY = f"rank >= 0, step >= 1 and seconds > 0 only, {EXAMPLE}"
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("rank=1,step=4", f"expected rank, step and seconds, {EXAMPLE} ('seconds')"),  # names the missing field
+    ("rank=x,step=4,seconds=5", f"expected rank, step and seconds, {EXAMPLE} "
+                                "(invalid literal for int() with base 10: 'x')"),  # and the bad value
+    ("rank=1,step=0,seconds=5", ONLY),
+    ("rank=-1,step=4,seconds=5", ONLY),
+    ("rank=1,step=4,seconds=0", ONLY),
+    ("rank=1,step=4,seconds=5,at=2", ONLY),
+])
+def test_bad_stall_spec_names_value_rule_and_example(bad, why):
+    with pytest.raises(ValueError) as err:
+        chaos.parse_stall(bad)
+    assert str(err.value) == f"RAYTUNE_LLAMA_STALL={bad!r}: {why}"
+
+
 def test_stall_spec_parsing_and_forwarding(monkeypatch):
     assert chaos.parse_stall("rank=1, step=4, seconds=600") == chaos.StallSpec(1, 4, 600.0)
-    for bad in ("rank=1,step=4", "rank=1,step=0,seconds=5", "rank=x,step=4,seconds=5", "rank=1,step=4,seconds=5,at=2"):
-        with pytest.raises(ValueError, match="RAYTUNE_LLAMA_STALL="):
-            chaos.parse_stall(bad)
+    assert chaos.parse_stall("rank=0,step=1,seconds=0.3") == chaos.StallSpec(0, 1, 0.3)  # the smallest legal values
     monkeypatch.delenv(chaos.STALL_ENV, raising=False)
     assert chaos.forwarded_env() == {}
     monkeypatch.setenv(chaos.STALL_ENV, "rank=1,step=4,seconds=600")
     assert chaos.forwarded_env() == {chaos.STALL_ENV: "rank=1,step=4,seconds=600"}
     monkeypatch.setenv(chaos.STALL_ENV, "rank=1")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"RAYTUNE_LLAMA_STALL='rank=1': expected rank, step and seconds"):
         chaos.forwarded_env()  # a typo fails on the driver, not silently on the workers
 
 
@@ -78,26 +96,19 @@ def _step(step: int) -> dict:
             "tokens_seen": 64 * step, "world_size": 2, "max_steps": 4}
 
 
-class _DatasetInfo:
-    """Stands in for the data pipeline's info: 100 sequences, every other figure 0."""
-    num_samples = 100
-
-    def __getattr__(self, name):
-        return 0
-
-
 def test_stall_line_and_summary():
-    stall = stall_record(1, 4, 5.0123, 5.0, "trainer/chaos.py:120 in stall_if_injected")
+    stall = stall_record(1, 4, 5.0123, 5.0, "testing/fault_injection.py:131 in stall_if_injected")
     assert format_progress(stall) == (
-        "[raytune_llama] rank 1 stalled in step 4 (no progress for 5.0 s, bound 5.0 s, at trainer/chaos.py:120 "
-        "in stall_if_injected): restarting the worker group (while run.max_failures allows)")
+        "[raytune_llama] rank 1 stalled in step 4 (no progress for 5.0 s, bound 5.0 s, at "
+        "testing/fault_injection.py:131 in stall_if_injected): restarting the worker group (while "
+        "run.max_failures allows)")
     assert "at " not in format_progress(stall_record(0, 4, 5.0, 5.0))
     start = {"event": "start", "step": 0, "world_size": 2, "layout": "ddp", "time": 1.0}
     records = [start, _step(1), _step(2), _step(3), stall, dict(start, step=2, time=2.0), _step(3), _step(4)]
-    assert [r["step"] for r in step_records(records)] == [1, 2, 3, 4] and stall_events(records) == [stall]
-    trainer = LlamaTrainer.__new__(LlamaTrainer)
-    trainer.config = Config()
-    summary = trainer._summary(records, None, _DatasetInfo(), 10.0)
+    assert [r["step"] for r in step_records(records)] == [1, 2, 3, 4]
+    assert parse_events(records, StallEvent) == [StallEvent(1, 4, 5.012, 5.0, stall["where"], stall["time"])]
+    summary = summarize(records)
     assert summary["stalls"] == [{k: stall[k] for k in ("rank", "step", "waited_s", "bound_s", "where", "time")}]
     assert summary["restarts"] == 1 and summary["steps_redone"] == 1 and summary["steps"] == [1, 2, 3, 4]
+    summary.update(run_name="r", max_steps=4, wall_time_s=10.0, checkpoint=None)
     assert "rank 1 stalled in step 4 (bound 5.0 s)" in format_summary(summary)

@@ -76,12 +76,11 @@ def pipeline_rank(plan: ParallelPlan, rank: int) -> int:
 
 def _stage_shapes(engine, plan: ParallelPlan, seq_len: int, master, compute: str | None):
     # Static input/output metadata of every stage this rank holds (fake_world.set_static_pipeline_shapes).
-    from raytune_llama.engine.parallel.data_parallel import uses_fsdp
     from raytune_llama.engine.parallel.tensor_parallel import vocab_parallel_mesh
 
-    mp = torch.bfloat16 if compute == "bf16" else torch.float16 if compute == "fp16" else None
+    mp = torch.bfloat16 if compute == "bf16" else None
     # FSDP2 computes in its param dtype; autocast leaves the residual stream in the master dtype.
-    hidden_dtype = mp if (mp is not None and uses_fsdp(plan)) else master
+    hidden_dtype = mp if (mp is not None and plan.uses_fsdp) else master
     logits_dtype = mp or master
     b, inputs, outputs = plan.micro_batch_size, [], []
     for stage in engine.stages:

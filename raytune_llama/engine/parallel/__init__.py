@@ -11,10 +11,11 @@ from .engine import ParallelEngine  # noqa: E402
 from .mesh import MESH_AXES, build_mesh, data_parallel_rank_and_size, init_distributed  # noqa: E402
 from .model_stages import CausalLMStage, build_stage, split_layers  # noqa: E402
 from .parallelize import ParallelModel, parallelize  # noqa: E402
-from .tensor_parallel import decoder_layer_tp_plan, validate_tensor_parallel  # noqa: E402
+from .plan_check import check_plan  # noqa: E402
+from .tensor_parallel import decoder_layer_tp_plan  # noqa: E402
 
 __all__ = [
-    "MESH_AXES", "CausalLMStage", "ParallelEngine", "ParallelModel", "build_mesh", "build_stage",
+    "MESH_AXES", "CausalLMStage", "ParallelEngine", "ParallelModel", "build_mesh", "build_stage", "check_plan",
     "data_parallel_rank_and_size", "decoder_layer_tp_plan", "init_distributed", "parallelize",
-    "split_layers", "validate_tensor_parallel",
+    "split_layers",
 ]

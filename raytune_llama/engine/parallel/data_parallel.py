@@ -28,40 +28,29 @@ from .mesh import dp_mesh
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def mixed_precision_policy(mixed_precision: str | None) -> MixedPrecisionPolicy:
-    """Compute in bf16/fp16, keep fp32 master weights, reduce gradients in fp32."""
+    """Compute in bf16, keep the master weights' dtype, reduce gradients in fp32."""
     if mixed_precision is None:
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=_DTYPES[mixed_precision], reduce_dtype=torch.float32)
-
-
-def uses_fsdp(plan: ParallelPlan) -> bool:
-    """True when the torch backend wraps the model with FSDP2 (fully_shard or replicate)."""
-    return plan.dp > 1 and (plan.zero_stage > 0 or plan.tp > 1 or plan.pp > 1)
-
-
-def uses_ddp(plan: ParallelPlan) -> bool:
-    """True when the torch backend wraps the model in classic DDP (replicas, no tp/pp)."""
-    return plan.dp > 1 and plan.zero_stage == 0 and plan.tp == 1 and plan.pp == 1
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def apply_data_parallel(stage: nn.Module, plan: ParallelPlan, mesh: DeviceMesh,
                         mixed_precision: str | None = None) -> nn.Module:
-    """Wrap one stage module for data parallelism; returns the module to call."""
-    if plan.dp == 1:
+    """Wrap one stage module for data parallelism (plan.data_parallel_wrapper); returns the
+    module to call."""
+    wrapper = plan.data_parallel_wrapper
+    if wrapper == "none":
         log.info("data parallel: none (dp=1)")
         return stage
     mp = mixed_precision_policy(mixed_precision)
-    if uses_ddp(plan):
+    if wrapper == "ddp":
         group = dp_mesh(mesh).get_group()
         device = mesh.device_type
         ids = [torch.cuda.current_device()] if device == "cuda" else None
         log.info("data parallel: DDP over dp=%d", plan.dp)
         return DistributedDataParallel(stage, process_group=group, device_ids=ids)
-    if plan.zero_stage == 0:
+    if wrapper == "fsdp_replicate":
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         m = dp_mesh(mesh)
@@ -70,6 +59,7 @@ def apply_data_parallel(stage: nn.Module, plan: ParallelPlan, mesh: DeviceMesh,
         replicate(stage, mesh=m, mp_policy=mp)
         log.info("data parallel: FSDP2 replicate over dp=%d (tp=%d, pp=%d)", plan.dp, plan.tp, plan.pp)
         return stage
+    assert wrapper == "fsdp_shard", wrapper
     # HSDP when there are replicas: a 2-D (replicate, shard) mesh; else 1-D over dp_shard.
     shard_mesh = mesh["dp_replicate", "dp_shard"] if plan.dp_replicate > 1 else mesh["dp_shard"]
     reshard = plan.zero_stage == 3

@@ -23,19 +23,6 @@ from .sharded_load import load_flat_partitions, materialize_and_load, reinit_rot
 log = logging.getLogger(__name__)
 
 
-def validate_deepspeed(plan: ParallelPlan) -> None:
-    """Raise a ValueError for plan knobs the DeepSpeed backend does not implement."""
-    problems = []
-    if plan.tp != 1:
-        problems.append(f"backend 'deepspeed' supports tensor parallel degree 1 only (got tp={plan.tp})")
-    if plan.pp != 1:
-        problems.append(f"backend 'deepspeed' supports pipeline degree 1 only (got pp={plan.pp})")
-    if plan.offload and plan.zero_stage == 0:
-        problems.append("offload (True) needs zero_stage >= 1 with backend 'deepspeed' (got zero_stage=0)")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def deepspeed_config(plan: ParallelPlan, max_grad_norm: float | None, mixed_precision: str | None) -> dict:
     """The DeepSpeed JSON config equivalent of `plan`."""
     zero: dict = {"stage": plan.zero_stage}
@@ -48,7 +35,6 @@ def deepspeed_config(plan: ParallelPlan, max_grad_norm: float | None, mixed_prec
         "gradient_clipping": float(max_grad_norm or 0.0),
         "zero_optimization": zero,
         "bf16": {"enabled": mixed_precision == "bf16"},
-        "fp16": {"enabled": mixed_precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
@@ -59,7 +45,12 @@ def deepspeed_config(plan: ParallelPlan, max_grad_norm: float | None, mixed_prec
 def _init_distributed() -> None:
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from raytune_llama.console import library_prints_to_log
+
+    # DeepSpeed's CPU backend print()s "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built
+    # successfully" in every process as it creates its communication backend: log, not console.
+    with library_prints_to_log():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def build_stage_for_deepspeed(model: nn.Module, plan: ParallelPlan, load_from: str | None, device: torch.device,
@@ -74,14 +65,13 @@ def build_stage_for_deepspeed(model: nn.Module, plan: ParallelPlan, load_from: s
         return build_stage(model, 0, 1).to(device)
     import torch.distributed as dist
 
-    if plan.zero_stage != 3:
+    if not plan.loads_sharded:  # ZeRO-1/2
         # deepspeed.initialize broadcasts rank 0's parameters to every replica: only it reads.
         stage = build_stage(model, 0, 1)
         materialize_and_load([stage], load_from, device, read_weights=dist.get_rank() == 0)
         return stage
     import deepspeed
 
-    validate_deepspeed(plan)
     _init_distributed()
     config = deepspeed_config(plan, max_grad_norm, mixed_precision)
     # zero.Init takes the module dtype from the config (bf16 under DeepSpeed's bf16 mode, whose
@@ -103,7 +93,6 @@ def build_deepspeed_engine(module: nn.Module, optimizer: torch.optim.Optimizer, 
     """deepspeed.initialize on an existing torch.distributed world; returns the DeepSpeedEngine."""
     import deepspeed
 
-    validate_deepspeed(plan)
     _init_distributed()
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer,

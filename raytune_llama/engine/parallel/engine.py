@@ -35,12 +35,12 @@ from raytune_llama.engine.loss import count_target_tokens, summed_causal_lm_loss
 from raytune_llama.planner.plan import ParallelPlan
 
 from . import deepspeed_backend as ds
-from .data_parallel import uses_fsdp
-from .lora import check_lora_plan, lora_settings
+from .lora import lora_settings
 from .mesh import build_mesh, data_parallel_rank_and_size, default_device_type, dp_mesh, init_distributed
 from .optim import build_adamw, clip_grad_norm
 from .parallelize import parallelize
 from .pipeline import build_schedule
+from .plan_check import check_plan
 from .recompute import apply_recompute
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,13 @@ class ParallelEngine:
     def __init__(self, model: nn.Module, plan: ParallelPlan, *, mesh=None, device: str | None = None,
                  lr: float = 3e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8, max_grad_norm: float | None = 1.0, mixed_precision: str | None = None,
-                 layer_costs: Sequence[float] | None = None, compile: bool = False,
-                 load_from: str | None = None, lora=None):
+                 layer_costs: Sequence[float] | None = None, load_from: str | None = None, lora=None):
         # lora: LoraSettings (or a train.lora mapping): peft adapters on a frozen base (docs/lora.md)
         self.lora = lora_settings(lora)
-        check_lora_plan(plan, self.lora)
-        if mixed_precision == "fp16" and plan.backend == "torch":
-            raise ValueError("mixed_precision: 'fp16' needs loss scaling, which the torch layouts do not do (gradients "
-                             "would underflow silently); use 'bf16' (MI250, H100 and later support it), None for fp32, "
-                             "or a DeepSpeed layout, whose fp16 mode scales the loss")
+        check_plan(plan, getattr(model, "config", None), self.lora)  # before anything is built
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(f"mixed_precision: {mixed_precision!r} is not supported; use 'bf16' (MI250, H100 and "
+                             f"later support it) or None for fp32 (fp16 would need loss scaling)")
         device_type = device or default_device_type()
         init_distributed(device_type)
         self.plan = plan
@@ -95,7 +93,7 @@ class ParallelEngine:
         elif plan.backend == "torch":
             # A meta-device model is filled with this rank's tensors inside parallelize, before
             # the optimizer exists (so it sees the materialised parameters).
-            pm = parallelize(model, plan, self.mesh, layer_costs=layer_costs, compile=compile,
+            pm = parallelize(model, plan, self.mesh, layer_costs=layer_costs,
                              mixed_precision=mixed_precision, load_from=load_from, lora=self.lora)
             self.stages, self.modules, self.stage_ids = pm.stages, pm.modules, pm.stage_ids
             self.optimizer = build_adamw(self._named_params(), **adam)
@@ -105,7 +103,7 @@ class ParallelEngine:
         else:
             raise ValueError(f"backend must be 'torch' or 'deepspeed', got {plan.backend!r}")
         # Autocast only where FSDP2's MixedPrecisionPolicy is not doing the casting.
-        self._autocast = mixed_precision is not None and plan.backend == "torch" and not uses_fsdp(plan)
+        self._autocast = mixed_precision is not None and plan.autocasts
         self._loss_scale = 1.0
         self._pp_ce: list[torch.Tensor] = []
         self.loss_fn = None
@@ -342,9 +340,11 @@ class ParallelEngine:
     def _set_grad_sync(self, module, last: bool) -> None:
         # DDP and ZeRO-1 all-reduce once, after the last micro-batch; ZeRO-2/3 reduce-scatter
         # every micro-batch so that only gradient shards are ever accumulated.
+        if not self.plan.syncs_gradients_once:
+            return
         if isinstance(module, DistributedDataParallel):
             module.require_backward_grad_sync = last
-        elif isinstance(module, FSDPModule) and self.plan.zero_stage <= 1:
+        elif isinstance(module, FSDPModule):
             module.set_requires_gradient_sync(last)
 
     def _pipeline_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """LoRA adapters (peft) on the engine's stage modules (docs/lora.md).
 
     settings = LoraSettings.from_dict(cfg.train.lora)          # raytune_llama/lora_settings.py
-    check_lora_plan(plan, settings)                            # refusals, before anything is built
+    check_plan(plan, config, settings)                         # refusals (plan_check.py), before anything is built
     init = initial_adapters(model, settings, torch.float32)    # whole-model adapter init, every rank alike
     inject_adapters(stage, settings, base_dtype, adapter_dtype)  # peft layers on one stage (meta adapters)
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from raytune_llama.lora_settings import LoraSettings
-from raytune_llama.planner.plan import ParallelPlan
+from .param_names import clean_fqn
 
 log = logging.getLogger(__name__)
 
@@ -35,25 +35,6 @@ ADAPTER = "default"
 """peft's adapter name inside the engine's modules."""
 _ADAPTER_PARAM = re.compile(rf"\.lora_(A|B)\.{ADAPTER}\.")
 PEFT_PREFIX = "base_model.model."
-
-
-def check_lora_plan(plan: ParallelPlan, lora: LoraSettings | None) -> None:
-    """Raise one ValueError listing every reason `plan` cannot train `lora` (nothing built yet)."""
-    if lora is None:
-        return
-    problems = []
-    if plan.backend != "torch":
-        problems.append(
-            f"train.lora: LoRA runs on the torch backend only, not backend {plan.backend!r} (DeepSpeed would "
-            f"partition the frozen base with the adapters and keep fp32 masters and optimizer state for all of "
-            f"it); use a torch layout (parallel.layout ... backend=torch: FSDP2 zero_stage 1-3, DDP, TP, PP)")
-    if plan.tp > 1 and lora.dropout > 0:
-        problems.append(
-            f"train.lora.dropout: {lora.dropout} with tensor parallel (tp={plan.tp}): the adapters of the "
-            f"column-parallel projections see the same input on every tp rank and would each draw their own "
-            f"dropout mask (that needs a tp-synchronised RNG); use train.lora.dropout: 0 or a layout with tp=1")
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def lora_settings(lora) -> LoraSettings | None:
@@ -83,11 +64,6 @@ def is_lora_layer(module: nn.Module) -> bool:
 
     peft_lora = sys.modules.get("peft.tuners.lora")
     return peft_lora is not None and isinstance(module, peft_lora.LoraLayer)
-
-
-def hf_name(name: str) -> str:
-    """Engine name -> the base checkpoint's name: peft's `.base_layer` level removed."""
-    return name.replace(".base_layer.", ".")
 
 
 def peft_key(name: str) -> str:
@@ -192,8 +168,6 @@ def _cast_params(stage: nn.Module, dtype: torch.dtype) -> None:
 def fill_adapters(stage: nn.Module, init: dict[str, torch.Tensor], device: torch.device) -> None:
     """Give a stage whose base is real (not meta) its initial adapters on `device` (before
     tensor / data parallel, which then shard them like any other parameter)."""
-    from .sharded_load import clean_fqn
-
     for name, module in list(stage.named_modules()):
         if isinstance(module, nn.Linear) and module.weight.is_meta and is_adapter(clean_fqn(name) + ".weight"):
             value = init[clean_fqn(name) + ".weight"]

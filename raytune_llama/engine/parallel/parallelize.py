@@ -4,14 +4,13 @@ Fixed order, per stage module this rank holds (torchtitan's order, for the same 
   1. cut the model into pipeline stages (pp == 1: one stage holding everything)
   2. tensor parallel   - must see plain nn.Linear modules, so before any wrapper
   3. recompute         - wraps whole (already TP-sharded) decoder layers
-  4. torch.compile     - per decoder layer (smaller graphs, compiles once for all layers); off on CPU
-  5. data parallel     - FSDP2 / DDP last: it shards whatever parameters (plain or DTensor) it finds
+  4. data parallel     - FSDP2 / DDP last: it shards whatever parameters (plain or DTensor) it finds
 With `lora` (LoraSettings), peft's LoRA layers are injected into each stage right after it is cut,
 so that tensor and data parallel shard the frozen base and the adapters alike (docs/lora.md).
 With `load_from` (a meta-device model and its safetensors folder) each stage is materialised
 with only this rank's tensors and slices: after FSDP2 (which shards meta parameters, so only
 the shards are ever allocated), or just before DDP (which broadcasts dp rank 0's parameters at
-construction: only that rank reads the files).
+construction: only that rank reads the files); ParallelPlan.loads_sharded tells which.
 """
 from __future__ import annotations
 
@@ -26,13 +25,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from raytune_llama.planner.plan import ParallelPlan
 
 from . import lora as lora_layers
-from .data_parallel import apply_data_parallel, uses_ddp
+from .data_parallel import apply_data_parallel
 from .mesh import dp_mesh
 from .model_stages import CausalLMStage, build_stage, stage_ids_for_rank
-from .pipeline import validate_pipeline
 from .recompute import apply_recompute
 from .sharded_load import materialize_and_load
-from .tensor_parallel import apply_tensor_parallel, validate_tensor_parallel
+from .tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +49,13 @@ class ParallelModel:
     """pp * virtual_stages."""
 
 
-def validate_plan_for_model(plan: ParallelPlan, config) -> None:
-    """Raise a ValueError for a plan the torch backend cannot apply to this model."""
-    if plan.tp > 1:
-        validate_tensor_parallel(config, plan.tp)
-    if plan.pp > 1 or plan.virtual_stages > 1:
-        validate_pipeline(plan, config.num_hidden_layers)
-    if plan.sequence_parallel and plan.tp == 1:
-        raise ValueError("sequence_parallel (True) needs tensor parallel degree tp > 1 (got 1)")
-
-
-def apply_compile(stage: CausalLMStage) -> None:
-    """torch.compile each decoder layer in place (FQNs unchanged)."""
-    for layer in stage.model.layers.values():
-        layer.compile(fullgraph=False)
-    log.info("torch.compile: %d decoder layers", len(stage.model.layers))
-
-
 def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, *,
-                layer_costs: Sequence[float] | None = None, compile: bool = False,
+                layer_costs: Sequence[float] | None = None,
                 mixed_precision: str | None = None, load_from: str | None = None,
                 lora=None) -> ParallelModel:
     """Cut, shard and wrap `model` (an HF *ForCausalLM) for `plan` on this rank's part of `mesh`;
     with `load_from`, fill the meta-device model from that safetensors file or folder; with
     `lora` (LoraSettings), train peft LoRA adapters on the frozen base (docs/lora.md)."""
-    validate_plan_for_model(plan, model.config)
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
         else torch.device(mesh.device_type)
     num_stages = plan.pp * plan.virtual_stages
@@ -104,16 +84,13 @@ def parallelize(model: nn.Module, plan: ParallelPlan, mesh: DeviceMesh, *,
                 lora_layers.freeze_base(stage)
         # 2. activation recompute
         apply_recompute(stage, plan.recompute)
-        # 3. per-block compile: off on CPU (compile time would dwarf the tiny steps there)
-        if compile and mesh.device_type != "cpu":
-            apply_compile(stage)
-        # 4. data parallel, with the weights read where the wrapper wants them (module doc)
-        if load_from is not None and uses_ddp(plan):
+        # 3. data parallel, with the weights read where the wrapper wants them (module doc)
+        if load_from is not None and not plan.loads_sharded:
             # DDP broadcasts dp rank 0's parameters at construction: only that rank reads.
             materialize_and_load([stage], load_from, device, read_weights=dp_mesh(mesh).get_local_rank() == 0,
                                  adapters=adapters)
         modules.append(apply_data_parallel(stage, plan, mesh, mixed_precision))
-        if load_from is not None and not uses_ddp(plan):
+        if load_from is not None and plan.loads_sharded:
             materialize_and_load([stage], load_from, device, adapters=adapters)
         stages.append(stage)
         log.info("stage %d/%d: layers %s%s%s", sid, num_stages, list(stage.model.layers.keys()),

@@ -21,22 +21,6 @@ log = logging.getLogger(__name__)
 _SINGLE = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 
-def validate_pipeline(plan: ParallelPlan, num_layers: int) -> None:
-    """Raise one ValueError listing every pipeline knob that cannot work for this model."""
-    problems = []
-    stages = plan.pp * plan.virtual_stages
-    if stages > num_layers:
-        problems.append(f"pipeline stages (pp * virtual_stages = {stages}) must not exceed the number of decoder layers ({num_layers})")
-    if plan.virtual_stages > 1 and plan.pp_schedule != "interleaved_1f1b":
-        problems.append(f"virtual_stages ({plan.virtual_stages}) > 1 needs pp_schedule 'interleaved_1f1b', got '{plan.pp_schedule}'")
-    if plan.pp_schedule == "interleaved_1f1b" and plan.grad_accum % plan.pp:
-        problems.append(f"interleaved 1F1B needs grad_accum (micro-batches, {plan.grad_accum}) to be a multiple of pp ({plan.pp})")
-    if plan.pp_schedule == "1f1b" and plan.grad_accum < plan.pp:
-        problems.append(f"1F1B needs grad_accum (micro-batches, {plan.grad_accum}) >= pp ({plan.pp})")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def build_schedule(modules: list[nn.Module], stage_ids: list[int], plan: ParallelPlan, mesh: DeviceMesh,
                    device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """Wrap this rank's stage modules in PipelineStages and return the plan's schedule."""

@@ -20,10 +20,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from .param_names import clean_fqn, hf_name
+
 log = logging.getLogger(__name__)
-
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "module.")
-
 
 def meta_model(config, model_cls=None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """An HF causal LM with every parameter on the meta device (no memory used), in `dtype`
@@ -34,13 +33,6 @@ def meta_model(config, model_cls=None, dtype: torch.dtype = torch.float32) -> nn
         if model_cls is not None:
             return model_cls(config).to(dtype)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def clean_fqn(name: str) -> str:
-    """Parameter name without wrapper prefixes (checkpoint_wrapper, compile, DDP)."""
-    for prefix in _WRAPPER_PREFIXES:
-        name = name.replace(prefix, "")
-    return name
 
 
 def safetensors_index(path: str) -> dict[str, str]:
@@ -117,8 +109,6 @@ def materialize_and_load(stages: list[nn.Module], path: str, device: torch.devic
     read. read_weights=False only allocates: for whole replicas that the wrapper then broadcasts
     from one rank (DDP, DeepSpeed ZeRO-1/2), so that one rank, not every rank, reads the files.
     `adapters`: whole initial LoRA tensors by name (lora.initial_adapters), sliced likewise."""
-    from .lora import hf_name
-
     index = safetensors_index(path)
     adapters = adapters or {}
     read = 0

@@ -130,7 +130,7 @@ def _check_lora_keys(engine, model_state: dict) -> None:
     """A LoRA engine loads adapters only, and every adapter of its stages must be there: a state
     without them (a full fine-tuning checkpoint, another train.lora.target_modules) is refused."""
     from .lora import is_adapter
-    from .sharded_load import clean_fqn
+    from .param_names import clean_fqn
 
     mine = {clean_fqn(n) for stage in engine.stages for n, p in stage.named_parameters() if p.requires_grad}
     given = set(model_state)

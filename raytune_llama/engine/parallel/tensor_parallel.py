@@ -50,20 +50,6 @@ from .model_stages import CausalLMStage
 log = logging.getLogger(__name__)
 
 
-def validate_tensor_parallel(config, tp: int) -> None:
-    """Raise one ValueError listing every model dimension that `tp` does not divide."""
-    problems = []
-    for what, n in (
-        ("attention heads", config.num_attention_heads),
-        ("key/value heads", getattr(config, "num_key_value_heads", None) or config.num_attention_heads),
-        ("intermediate (FFN) size", config.intermediate_size),
-    ):
-        if n % tp:
-            problems.append(f"tensor parallel degree ({tp}) must divide the number of {what} ({n})")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
 def vocab_parallel(config, tp: int) -> bool:
     """True when tp > 1 divides the vocabulary: embedding and lm_head are then vocab-sharded."""
     return tp > 1 and config.vocab_size % tp == 0
@@ -182,17 +168,12 @@ def outer_tp_plan(stage: CausalLMStage, sequence_parallel: bool) -> dict[str, Pa
 def apply_tensor_parallel(stage: CausalLMStage, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard one stage's layers (and embedding/lm_head) over the tp mesh axis, in place."""
     tp = tp_mesh.size()
-    validate_tensor_parallel(stage.config, tp)
     vocab_ok = vocab_parallel(stage.config, tp)
     outer = outer_tp_plan(stage, sequence_parallel)
     if not vocab_ok:
         # An uneven vocab split would need padding; keep embedding/lm_head replicated instead,
-        # but under SP they must still move activations between full and sharded sequence.
-        if sequence_parallel:
-            raise ValueError(
-                f"sequence parallel needs the tensor parallel degree ({tp}) to divide the "
-                f"vocabulary size ({stage.config.vocab_size})"
-            )
+        # which sequence parallel cannot do (refused by plan_check).
+        assert not sequence_parallel, "sequence parallel needs tp to divide the vocabulary"
         outer = {k: v for k, v in outer.items() if k == "model.norm"}
     tied = (getattr(stage.config, "tie_word_embeddings", False) and stage.is_first and stage.is_last
             and stage.lm_head.weight is stage.model.embed_tokens.weight)

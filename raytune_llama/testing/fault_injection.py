@@ -1,4 +1,4 @@
-"""Fault injection for a running training job: SIGKILL Ray Train worker processes at chosen
+"""Fault injection for a running training job (test tooling, not part of the training path): SIGKILL Ray Train worker processes at chosen
 moments (after the run has committed checkpoints), or make one rank stall inside a step
 (RAYTUNE_LLAMA_STALL), to prove that a run survives them. Used by the chaos tests and
 `bench/chaos_report.py`; the killer also works against a real cluster's job from a process
@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 
 def checkpoint_dirs(run_dir: Path) -> set[str]:
@@ -111,6 +112,15 @@ def forwarded_env() -> dict[str, str]:
         return {}
     parse_stall(text)
     return {STALL_ENV: text}
+
+
+def stall_hook(rank: int, run_dir) -> "Callable[[int], None] | None":
+    """The per-step stall check for this rank when RAYTUNE_LLAMA_STALL asks for one, else None
+    (the training loop then checks nothing at all per step)."""
+    text = os.environ.get(STALL_ENV)
+    if not text or parse_stall(text).rank != rank:
+        return None
+    return lambda step: stall_if_injected(rank, step, run_dir)
 
 
 def stall_if_injected(rank: int, step: int, run_dir) -> None:
