@@ -381,9 +381,6 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"parallel.layout: {layout!r} must be like \"dp_shard=2,zero_stage=3\", \"measured\" (the "
                         f"layout `raytune-llama tune-layout` measured fastest for this run) or null to let the "
                         f"planner choose")
-    elif layout is not None and p.master_weights == "bf16" and "backend=deepspeed" in layout.replace(" ", ""):
-        problems.append(f"parallel.master_weights: 'bf16' with parallel.layout {layout!r}: DeepSpeed's bf16 mode "
-                        f"always keeps fp32 master weights; use master_weights: fp32, or a torch layout")
     if not (isinstance(t.betas, (tuple, list)) and len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas)):
         problems.append(f"train.betas: {t.betas!r} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     timeout, first = run.step_timeout_s, run.collective_timeout_s

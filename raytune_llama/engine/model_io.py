@@ -82,12 +82,9 @@ def build_engine(model_path: str, plan, *, device_type: str, lr: float, weight_d
     from raytune_llama.engine.parallel.sharded_load import meta_model
 
     lora = lora_settings(lora)
-    check_plan(plan, lora=lora)  # before anything is read or built (the model's rules: ParallelEngine)
+    check_plan(plan, lora=lora, master_weights=master_weights)  # before anything is read (model rules: the engine)
     path = _local_model_folder(model_path)
     dtype = master_dtype(master_weights)
-    if master_weights == "bf16" and plan.backend == "deepspeed":
-        raise ValueError("parallel.master_weights: 'bf16' needs backend 'torch' (DeepSpeed's bf16 mode always "
-                         "keeps fp32 master weights); use master_weights: fp32 or a torch layout")
     if not any(path.glob("*.safetensors")):
         raise ValueError(
             f"model.name_or_path: {path} has no *.safetensors files (a pickled .bin checkpoint would be loaded "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from raytune_llama.planner.cluster import ClusterSpec
 from raytune_llama.planner.model_spec import ModelSpec
 from raytune_llama.planner.plan import BACKENDS, PP_SCHEDULES, RECOMPUTE_MODES, ZERO_STAGES, ParallelPlan
-from raytune_llama.planner.workload import Workload
+from raytune_llama.planner.workload import OPTIMIZERS, Workload
 
 
 @dataclass(frozen=True)
@@ -115,9 +115,10 @@ def _lora_violations(plan: ParallelPlan, lora_dropout: float) -> list[Violation]
 
 
 def layout_violations(model: ModelSpec | None, plan: ParallelPlan, *, lora_dropout: float | None = None,
-                      devices_per_node: int | None = None) -> list[Violation]:
+                      pure_bf16: bool = False, devices_per_node: int | None = None) -> list[Violation]:
     """Every rule a layout breaks that needs only the model (None: skip the model's rules),
-    the plan and, with LoRA, its dropout (None: full fine-tuning): what the engine checks."""
+    the plan, with LoRA its dropout (None: full fine-tuning) and whether the weights and
+    moments are pure bf16 (parallel.master_weights: bf16): what the engine checks."""
     out = [Violation("degree", f"{name} ({getattr(plan, name)}) must be >= 1")
            for name in DEGREES if getattr(plan, name) < 1]
     if out:
@@ -132,6 +133,10 @@ def layout_violations(model: ModelSpec | None, plan: ParallelPlan, *, lora_dropo
     if plan.recompute not in RECOMPUTE_MODES:
         out.append(Violation("recompute", f"recompute ({plan.recompute}) must be one of {RECOMPUTE_MODES}"))
     out += _data_parallel_violations(plan) + _backend_violations(plan)
+    if pure_bf16 and plan.backend == "deepspeed":
+        out.append(Violation("master_weights", "parallel.master_weights: 'bf16' needs backend 'torch' (DeepSpeed's "
+                                               "bf16 mode always keeps fp32 master weights); use master_weights: "
+                                               "fp32, or a torch layout"))
     if lora_dropout is not None:
         out += _lora_violations(plan, lora_dropout)
     return out
@@ -140,6 +145,7 @@ def layout_violations(model: ModelSpec | None, plan: ParallelPlan, *, lora_dropo
 def plan_violations(model: ModelSpec, cluster: ClusterSpec, workload: Workload, plan: ParallelPlan) -> list[Violation]:
     """Every rule a layout breaks on this cluster and workload (empty when it is legal)."""
     out = layout_violations(model, plan, lora_dropout=0.0 if workload.lora else None,
+                            pure_bf16=OPTIMIZERS[workload.optimizer] == "bf16",
                             devices_per_node=cluster.devices_per_node)
     if any(v.code == "degree" for v in out):
         return out

@@ -50,6 +50,24 @@ def test_impossible_layouts_fail_on_the_driver(model_dir, layout, words):
     assert words in str(err.value) and layout in str(err.value)
 
 
+def test_pure_bf16_weights_on_a_deepspeed_layout_fail_on_the_driver_with_the_engines_rule(model_dir):
+    from raytune_llama.engine.parallel.plan_check import check_plan
+
+    cfg = _cfg("parallel.layout=dp_shard=2,zero_stage=2,backend=deepspeed", "parallel.master_weights=bf16",
+               "train.global_batch_size=16")
+    with pytest.raises(ConfigError) as err:
+        make_run_plan(cfg, model_dir)
+    rule = ("parallel.master_weights: 'bf16' needs backend 'torch' (DeepSpeed's bf16 mode always keeps fp32 master "
+            "weights); use master_weights: fp32, or a torch layout")
+    assert rule in str(err.value)
+    with pytest.raises(ValueError) as engine_err:  # the engine refuses it with the same sentence
+        check_plan(make_run_plan(_cfg("parallel.layout=dp_shard=2,zero_stage=2,backend=deepspeed",
+                                      "train.global_batch_size=16"), model_dir).plan, master_weights="bf16")
+    assert str(engine_err.value) == rule
+    assert make_run_plan(_cfg("parallel.master_weights=bf16", "train.global_batch_size=16"),
+                         model_dir).plan.backend == "torch"  # the planner picks a torch layout itself
+
+
 def test_elastic_sizes_keep_the_global_batch(model_dir):
     from raytune_llama.trainer.planning import admissible_world_sizes, at_world_size
 

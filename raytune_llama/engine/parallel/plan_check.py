@@ -8,10 +8,11 @@ from raytune_llama.planner.plan import ParallelPlan
 from raytune_llama.planner.rules import layout_violations
 
 
-def check_plan(plan: ParallelPlan, config=None, lora=None) -> None:
+def check_plan(plan: ParallelPlan, config=None, lora=None, master_weights: str = "fp32") -> None:
     """Raise one ValueError listing every rule `plan` breaks for this HF model config (None:
-    the rules that need no model) and LoRA settings (None: full fine-tuning)."""
+    the rules that need no model), LoRA settings (None: full fine-tuning) and master dtype."""
     model = from_hf_config(config.to_dict()) if config is not None else None
-    broken = layout_violations(model, plan, lora_dropout=lora.dropout if lora is not None else None)
+    broken = layout_violations(model, plan, lora_dropout=lora.dropout if lora is not None else None,
+                               pure_bf16=master_weights == "bf16")
     if broken:
         raise ValueError("; ".join(v.message for v in broken))
