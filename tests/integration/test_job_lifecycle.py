@@ -76,7 +76,7 @@ def test_stop_then_resubmit_resumes(ray_head, tmp_path):
 
     def submit(job_id):
         res = ray_job(ray_head, "submit", "--working-dir", str(REPO), "--submission-id", job_id,
-                      "--no-wait", "--", *finetune, timeout=180)
+                      "--no-wait", "--", *finetune, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
 
     # 1. Submit and wait for the first checkpoint in the run directory. The deadlines here only
@@ -110,7 +110,7 @@ def test_stop_then_resubmit_resumes(ray_head, tmp_path):
 
     # 3. The same command again: resumes after the checkpoint and runs to the end.
     submit(second)
-    follow = ray_job(ray_head, "logs", "--follow", second, timeout=300)
+    follow = ray_job(ray_head, "logs", "--follow", second, timeout=1800)  # a hang guard only
     logs2 = follow.stdout
     assert jobs.get_job_status(second) == JobStatus.SUCCEEDED, logs2[-4000:]
     steps2 = [int(s) for s in STEP_LINE.findall(logs2)]

@@ -18,13 +18,13 @@ def test_ray_job_submit_runs_finetune(ray_head, tmp_path):
          "--set", "train.max_steps=6", "--set", "checkpoint.every_steps=3",
          "--set", f"run.storage_path={tmp_path}/runs", "--set", "run.name=submitted",
          "--set", f"model.name_or_path={tmp_path}/models/tiny-llama"],
-        env=ray_head.env, capture_output=True, text=True, timeout=300,
+        env=ray_head.env, capture_output=True, text=True, timeout=900,  # a hang guard only
     )
     assert submit.returncode == 0, submit.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
     wait = subprocess.run(
         [RAY, "job", "logs", "--follow", "--address", ray_head.dashboard_url, job_id],
-        env=ray_head.env, capture_output=True, text=True, timeout=600,
+        env=ray_head.env, capture_output=True, text=True, timeout=1800,  # a hang guard only
     )
     from ray.job_submission import JobStatus, JobSubmissionClient
 
