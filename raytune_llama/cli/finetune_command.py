@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from raytune_llama import console
-from raytune_llama.config import ConfigError, load_config
+from raytune_llama.cli.run_arguments import add_run_arguments, load_run_config
+from raytune_llama.config import ConfigError
 from raytune_llama.versions import TorchVersionError, check_torch_version
 
 
@@ -13,24 +14,18 @@ def register(subparsers) -> None:
     """Add the finetune subcommand."""
     p = subparsers.add_parser("finetune", help="fine-tune a model on a Ray cluster (local if no address)")
     p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    add_run_arguments(p, "override a config value, e.g. --set train.max_steps=20 (repeatable)")
     p.add_argument("--validate-only", action="store_true", help="check the config and exit")
     p.add_argument("--merge", action="store_true",
                    help="train.lora runs: also merge the exported adapter into the base model at EXPORT-merged "
                         "(loadable with AutoModelForCausalLM.from_pretrained; raytune-llama merge-lora does the same)")
-    console.add_verbose_flag(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate the config and the installed torch on the driver, then train."""
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"run.address={args.address}")
     try:
-        cfg = load_config(args.config, overrides).validate()
+        cfg = load_run_config(args)
     except ConfigError as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)
         return 2
@@ -65,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         from raytune_llama.cli.merge_lora_command import merge_run_adapter
 
         print(f"  merged model {merge_run_adapter(summary['export_path'])}", flush=True)
-    if console.logs_line():  # where the lines hidden from this console went
-        print(console.logs_line(), flush=True)
+    logs = console.logs_line()  # where the lines hidden from this console went
+    if logs:
+        print(logs, flush=True)
     return 0

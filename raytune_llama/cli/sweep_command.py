@@ -8,7 +8,8 @@ import json
 import sys
 
 from raytune_llama import console
-from raytune_llama.config import ConfigError, load_config
+from raytune_llama.cli.run_arguments import add_run_arguments, load_run_config
+from raytune_llama.config import ConfigError
 
 
 def register(subparsers) -> None:
@@ -25,11 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--metric", default=None, help="eval_loss (default with validation data) or loss")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at a time (default 1: each trial is a whole multi-worker run)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value for every trial (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    console.add_verbose_flag(p)
+    add_run_arguments(p, "override a config value for every trial (repeatable)")
     p.set_defaults(func=run)
 
 
@@ -37,9 +35,8 @@ def run(args: argparse.Namespace) -> int:
     from raytune_llama.trainer import cluster
     from raytune_llama.trainer.sweep import format_report, parse_param, run_sweep, sweep_metric
 
-    overrides = list(args.overrides) + ([f"run.address={args.address}"] if args.address else [])
     try:
-        cfg = load_config(args.config, overrides).validate()
+        cfg = load_run_config(args)
         params = [parse_param(p) for p in args.params]
         if not params:
             raise ConfigError(["--param: give at least one swept field, e.g. --param train.lr=loguniform:1e-5:1e-3"])

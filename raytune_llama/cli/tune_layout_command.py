@@ -10,7 +10,8 @@ import json
 import sys
 
 from raytune_llama import console
-from raytune_llama.config import ConfigError, load_config
+from raytune_llama.cli.run_arguments import add_run_arguments, load_run_config
+from raytune_llama.config import ConfigError
 from raytune_llama.planner.errors import PlanError
 from raytune_llama.versions import TorchVersionError, check_torch_version
 
@@ -28,23 +29,17 @@ def register(subparsers) -> None:
                    help="also fit the hardware profile to the measurements (tune_layout/profile.yaml) and rank "
                         "the layouts again with it")
     p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set train.global_batch_size=16 (repeatable)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
-    console.add_verbose_flag(p)
+    add_run_arguments(p, "override a config value, e.g. --set train.global_batch_size=16 (repeatable)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, measure, print; exit 0 with a winner, 1 when no layout ran, 2 on a bad config."""
-    overrides = list(args.overrides)
-    if args.address:
-        overrides.append(f"run.address={args.address}")
     if args.top_k < 1:
         print(f"raytune-llama: --top-k {args.top_k}: must be at least 1", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config, overrides).validate()
+        cfg = load_run_config(args)
         check_torch_version()
     except (ConfigError, TorchVersionError) as exc:
         print(f"raytune-llama: {exc}", file=sys.stderr)

@@ -24,14 +24,11 @@ def model_inputs(rows: dict[str, np.ndarray]) -> dict:
     document packing, position_ids (int64 torch tensors)."""
     import torch
 
-    return {k: torch.from_numpy(_writable(rows[k])).long() for k in MODEL_INPUTS if k in rows}
-
-
-def _writable(rows: np.ndarray) -> np.ndarray:
-    """rows, or a copy when they are read-only (a view of a store's read-only memory map):
-    torch.from_numpy shares the array's memory, and a tensor over read-only memory is undefined
-    behaviour if written (torch warns "The given NumPy array is not writable")."""
-    return rows if rows.flags.writeable else np.array(rows)
+    # One int64 copy at most: torch.from_numpy shares the array's memory, and rows that are a
+    # view of a store's read-only memory map must not be shared (torch warns "The given NumPy
+    # array is not writable"); astype copies anyway where the dtype changes.
+    return {k: torch.from_numpy(rows[k].astype(np.int64, copy=not rows[k].flags.writeable))
+            for k in MODEL_INPUTS if k in rows}
 
 
 @dataclass
